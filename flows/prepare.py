@@ -1,0 +1,33 @@
+"""The `prepare` stage flow: corpora, vocabulary and Parquet sequence shards.
+
+With no inputs given it uses the latest outputs of both ingest stages; an input may
+also be a fingerprint or an output directory.
+
+    homer stage prepare --set prepare.seq_len=50
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.naming import run_namer
+from model.prepare import PrepareConfig
+from model.store import StageRef, data_root, resolve
+from tasks.common import flatten, publish_counts
+from tasks.data import prepare_task
+
+
+@flow(name="prepare", flow_run_name=run_namer("prepare", {"seq_len": "config.seq_len", "val": "config.val_fraction"}))
+def prepare(
+    config: PrepareConfig = PrepareConfig(),
+    wikipedia: StageRef | str | None = None,
+    simpsons: StageRef | str | None = None,
+    data_dir: str | None = None,
+) -> StageRef:
+    """Build corpora, the character vocabulary and train/val shards from the ingested data."""
+    root = data_root(data_dir)
+    inputs = {"wikipedia": resolve(root, "ingest-wikipedia", wikipedia), "simpsons": resolve(root, "ingest-simpsons", simpsons)}
+    ref = prepare_task(config, inputs=inputs, root=str(root))
+    counts = ref.manifest()["counts"]
+    publish_counts("prepare", ref, flatten(counts), "vocabulary size, out-of-vocabulary rates, documents and windows per split")
+    return ref

@@ -1,0 +1,211 @@
+"""Checkpoint directories: save and load weights, optimizer, RNG and run state, never unpickling.
+
+A checkpoint is a directory (`last/`, `best/`) holding
+
+    model.safetensors      the weights
+    optimizer.safetensors  the optimizer's tensors, keys "state.<param>.<name>"
+    optimizer.json         the optimizer's other state and its param_groups
+    state.json             step, position, LR, metrics, RNG states, model and train config,
+                           vocabulary fingerprint (written last)
+    vocab.json             the vocabulary, so a checkpoint alone is enough to generate
+
+It is written into `<name>.tmp-<pid>` and renamed into place; an existing checkpoint is
+first renamed to `<name>.old`, so a crash at any point leaves one loadable directory and
+loading falls back to `<name>.old` when `<name>` is missing.
+
+    save_checkpoint(out / "last", model=m, vocab=v, model_config=cfg, state={...}, optimizer=opt)
+    model, vocab, state = load_model_from_checkpoint(out / "best", device="cpu")
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.network import CharRNN, ModelConfig, build_model, count_parameters
+from model.vocab import Vocab
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or does not fit what it is loaded for."""
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def capture_rng() -> dict:
+    """The python, numpy (global) and torch (CPU and every CUDA device) RNG states as JSON."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = np_state["state"]["key"].tolist()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": np_state,
+        "torch": _b64(torch.get_rng_state()),
+        "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(rng: dict) -> None:
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = dict(rng["numpy"], state=dict(rng["numpy"]["state"]))
+    np_state["state"]["key"] = np.asarray(np_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(np_state)
+    torch.set_rng_state(_unb64(rng["torch"]))
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in rng["cuda"]])
+
+
+def _optimizer_split(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(tensors with flattened keys, the JSON-able rest) of an optimizer state_dict."""
+    sd = optimizer.state_dict()
+    tensors, rest = {}, {}
+    for pid, entries in sd["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                rest.setdefault(str(pid), {})[name] = value
+    return tensors, {"state": rest, "param_groups": sd["param_groups"]}
+
+
+def _optimizer_join(tensors: dict, meta: dict) -> dict:
+    state: dict[int, dict] = {int(pid): dict(entries) for pid, entries in meta["state"].items()}
+    for key, value in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _write_json(path: Path, data) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(path, *, model: CharRNN, vocab: Vocab, model_config: ModelConfig, state: dict,
+                    optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Write a checkpoint directory atomically; `state` is the caller's JSON-able run state.
+
+    state.json gets `state` plus format, model_config, vocab_fingerprint, num_parameters and
+    the current RNG states (so capture happens at save time).
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f"{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+    if optimizer is not None:
+        tensors, meta = _optimizer_split(optimizer)
+        save_file(tensors, tmp / "optimizer.safetensors")
+        _write_json(tmp / "optimizer.json", meta)
+    vocab.save(tmp / "vocab.json")
+    _write_json(tmp / "state.json", {
+        **state,
+        "format": FORMAT_VERSION,
+        "model_config": model_config.model_dump(),
+        "vocab_fingerprint": vocab.fingerprint,
+        "num_parameters": count_parameters(model),
+        "rng": capture_rng(),
+    })
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def resolve_checkpoint(path) -> Path | None:
+    """The complete checkpoint directory at `path`, else its `.old` sibling, else None."""
+    path = Path(path)
+    for candidate in (path, path.with_name(f"{path.name}.old")):
+        if (candidate / "state.json").is_file():
+            return candidate
+    return None
+
+
+def read_state(path) -> dict:
+    found = resolve_checkpoint(path)
+    if found is None:
+        raise CheckpointError(f"{path}: no checkpoint here (no state.json in it or in {Path(path).name}.old)")
+    try:
+        state = json.loads((found / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{found}/state.json is unreadable ({exc})") from exc
+    if state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{found}: checkpoint format {state.get('format')} is not {FORMAT_VERSION}")
+    return dict(state, path=str(found))
+
+
+def check_compatible(state: dict, *, vocab: Vocab | None = None, model_config: ModelConfig | None = None) -> None:
+    """Raise CheckpointError naming what differs between the checkpoint and what is asked."""
+    where = state["path"]
+    if vocab is not None and state["vocab_fingerprint"] != vocab.fingerprint:
+        raise CheckpointError(
+            f"checkpoint {where} was trained with vocabulary {state['vocab_fingerprint']} but the shards use "
+            f"{vocab.fingerprint}; re-run prepare or pick a matching checkpoint"
+        )
+    if model_config is not None:
+        ours, theirs = model_config.model_dump(), state["model_config"]
+        diff = {k: (theirs.get(k), ours[k]) for k in ours if theirs.get(k) != ours[k]}
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs asked {b!r}" for k, (a, b) in diff.items())
+            raise CheckpointError(f"checkpoint {where} has a different architecture ({detail}); "
+                                  f"use its model config or pick a matching checkpoint")
+
+
+def load_checkpoint(path, model: CharRNN, optimizer: torch.optim.Optimizer | None = None, *,
+                    vocab: Vocab | None = None, model_config: ModelConfig | None = None,
+                    restore_rng_state: bool = False) -> dict:
+    """Load weights (and optimizer state, and RNG states if asked) into the given objects.
+
+    Checks vocabulary and architecture first when `vocab` / `model_config` are given.
+    Returns state.json's content, with `path` set to the directory actually read.
+    """
+    state = read_state(path)
+    check_compatible(state, vocab=vocab, model_config=model_config)
+    found = Path(state["path"])
+    device = next(model.parameters()).device
+    try:
+        model.load_state_dict(load_file(found / "model.safetensors", device=str(device)))
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {found}: weights do not fit the model ({exc})") from exc
+    if optimizer is not None:
+        if not (found / "optimizer.safetensors").is_file():
+            raise CheckpointError(f"checkpoint {found} holds no optimizer state")
+        meta = json.loads((found / "optimizer.json").read_text(encoding="utf-8"))
+        optimizer.load_state_dict(_optimizer_join(load_file(found / "optimizer.safetensors"), meta))
+    if restore_rng_state:
+        restore_rng(state["rng"])
+    return state
+
+
+def load_model_from_checkpoint(path, device: str | torch.device | None = None) -> tuple[CharRNN, Vocab, dict]:
+    """Build the checkpoint's model from its own config and vocabulary; in eval mode."""
+    state = read_state(path)
+    vocab = Vocab.load(Path(state["path"]) / "vocab.json")
+    check_compatible(state, vocab=vocab)
+    cfg = ModelConfig.model_validate(state["model_config"])
+    model = build_model(cfg, vocab.size).to(device or "cpu")
+    load_checkpoint(state["path"], model, vocab=vocab, model_config=cfg)
+    return model.eval(), vocab, state

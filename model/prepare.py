@@ -1,0 +1,202 @@
+"""Corpora, vocabulary and sequence shards: the body of the `prepare` stage.
+
+Articles become one document each; the character's lines are grouped into documents
+of consecutive lines, so a training window may span several short lines. Documents
+are split into train and validation by a hash of their id (never by window), encoded
+with numpy lookup tables, cut into windows of seq_len + 1 ids with stride seq_len
+(the last window of a document is aligned to its end, so no character is lost), and
+written one shard at a time.
+
+    python -m model.prepare CORPUS.parquet VOCAB.json OUT_DIR --seq-len 100
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from model.shards import DEFAULT_ROWS_PER_SHARD, ShardWriter
+from model.vocab import Vocab, count_chars
+
+CORPUS_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string())])
+SPLITS = ("train", "val")
+READ_BATCH_ROWS = 2048
+
+
+class PrepareError(ValueError):
+    """The corpora cannot be turned into shards as configured."""
+
+
+class PrepareConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seq_len: int = Field(100, ge=1, le=100_000, description="characters per training sequence (windows hold seq_len + 1 ids)")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of documents (by id hash) held out for validation")
+    min_count: int = Field(1, ge=1, description="keep characters seen at least this many times; rarer ones become the unknown token")
+    lines_per_doc: int = Field(20, ge=1, description="consecutive lines of the character grouped into one document")
+    rows_per_shard: int = Field(DEFAULT_ROWS_PER_SHARD, ge=1, description="windows per Parquet shard (bounds memory while writing)")
+    split_salt: str = Field("homer", description="salt of the document hash that assigns train/val; change it for another split")
+
+
+# ---------------------------------------------------------------------------- corpora
+
+
+def write_corpus(docs: Iterator[tuple[str, str]], path: Path, batch_rows: int = READ_BATCH_ROWS) -> dict:
+    """Write (doc_id, text) pairs to Parquet in bounded batches; return counts."""
+    docs_n = chars = 0
+    with pq.ParquetWriter(path, CORPUS_SCHEMA, compression="zstd") as writer:
+        batch: list[tuple[str, str]] = []
+        for doc in docs:
+            batch.append(doc)
+            docs_n += 1
+            chars += len(doc[1])
+            if len(batch) >= batch_rows:
+                writer.write_table(_corpus_table(batch))
+                batch = []
+        if batch:
+            writer.write_table(_corpus_table(batch))
+    return {"documents": docs_n, "chars": chars}
+
+
+def _corpus_table(batch: list[tuple[str, str]]) -> pa.Table:
+    ids, texts = zip(*batch)
+    return pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(texts, pa.string())], schema=CORPUS_SCHEMA)
+
+
+def group_lines(lines: Iterator[str], lines_per_doc: int, prefix: str) -> Iterator[tuple[str, str]]:
+    """Consecutive lines joined by newlines, `lines_per_doc` at a time."""
+    group: list[str] = []
+    index = 0
+    for line in lines:
+        group.append(line)
+        if len(group) == lines_per_doc:
+            yield f"{prefix}-{index:05d}", "\n".join(group)
+            group, index = [], index + 1
+    if group:
+        yield f"{prefix}-{index:05d}", "\n".join(group)
+
+
+def iter_corpus(path: Path, batch_rows: int = READ_BATCH_ROWS) -> Iterator[tuple[list[str], list[str]]]:
+    """Batches of (doc_ids, texts) from a corpus Parquet file."""
+    parquet = pq.ParquetFile(path)
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=["doc_id", "text"]):
+        yield batch.column(0).to_pylist(), batch.column(1).to_pylist()
+
+
+def corpus_char_counts(path: Path) -> Counter:
+    counts: Counter = Counter()
+    for _, texts in iter_corpus(path):
+        counts.update(count_chars(["".join(texts)]))
+    return counts
+
+
+# ---------------------------------------------------------------------------- windows
+
+
+def is_validation(doc_ids: list[str], val_fraction: float, salt: str) -> np.ndarray:
+    """(D,) bool: a document's split is a function of its id alone."""
+    limit = int(val_fraction * 2**32)
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(f"{salt}:{d}".encode(), digest_size=4).digest(), "big") < limit for d in doc_ids],
+        dtype=bool,
+    )
+
+
+def windows_of(ids: np.ndarray, lengths: np.ndarray, seq_len: int) -> np.ndarray:
+    """Windows of seq_len + 1 ids within each document, stride seq_len.
+
+    ids: (N,) the documents' ids concatenated; lengths: (D,) their lengths.
+    Returns (W, seq_len + 1). A document's last window ends at its last character
+    (overlapping the one before when the length is not a multiple of seq_len);
+    documents shorter than seq_len + 1 give no window.
+    """
+    width = seq_len + 1
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)  # (D,)
+    n_windows = np.where(lengths >= width, -(-(lengths - 1) // seq_len), 0)  # (D,) ceil((L-1)/seq_len)
+    if not n_windows.sum():
+        return np.zeros((0, width), dtype=np.uint16)
+    doc_of = np.repeat(np.arange(len(lengths)), n_windows)  # (W,)
+    first = np.repeat(np.cumsum(n_windows) - n_windows, n_windows)  # (W,)
+    k = np.arange(len(doc_of)) - first  # window index within its document
+    offset = np.minimum(k * seq_len, lengths[doc_of] - width)  # (W,) last window aligned to the end
+    index = (starts[doc_of] + offset)[:, None] + np.arange(width)  # (W, width)
+    return ids[index]
+
+
+def encode_batch(vocab: Vocab, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) ids of the texts concatenated, and (D,) their lengths in characters."""
+    lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    return vocab.encode("".join(texts)), lengths
+
+
+def write_shards(corpus_path: Path, vocab: Vocab, out_dir: Path, corpus: str, cfg: PrepareConfig) -> dict:
+    """Encode one corpus into train/val shards under out_dir; return counts per split."""
+    writers = {
+        split: ShardWriter(out_dir, split, seq_len=cfg.seq_len, corpus=corpus,
+                           vocab_fingerprint=vocab.fingerprint, rows_per_shard=cfg.rows_per_shard)
+        for split in SPLITS
+    }
+    stats = {s: Counter() for s in SPLITS}
+    all_val = []
+    longest = 0
+    unknown = total = 0
+    for doc_ids, texts in iter_corpus(corpus_path):
+        ids, lengths = encode_batch(vocab, texts)
+        unknown += int((ids == vocab.unk_id).sum())
+        total += len(ids)
+        longest = max(longest, int(lengths.max(initial=0)))
+        val = is_validation(doc_ids, cfg.val_fraction, cfg.split_salt)
+        all_val.append(val)
+        doc_end = np.cumsum(lengths)
+        for split, mask in (("train", ~val), ("val", val)):
+            if not mask.any():
+                continue
+            chosen = np.flatnonzero(mask)
+            pieces = [ids[doc_end[d] - lengths[d]: doc_end[d]] for d in chosen]
+            sub_ids = np.concatenate(pieces) if pieces else ids[:0]
+            sub_len = lengths[chosen]
+            windows = windows_of(sub_ids, sub_len, cfg.seq_len)
+            writers[split].add(windows)
+            short = sub_len < cfg.seq_len + 1
+            stats[split].update(documents=int(len(chosen)), chars=int(sub_len.sum()), windows=len(windows),
+                                short_documents=int(short.sum()), chars_in_short_documents=int(sub_len[short].sum()))
+    for split in SPLITS:
+        if not stats[split]["windows"]:
+            for w in writers.values():
+                w.__exit__(PrepareError, None, None)
+            raise PrepareError(
+                f"{corpus_path}: the {corpus} corpus gives no {split} window: prepare.seq_len={cfg.seq_len} needs documents of "
+                f"at least {cfg.seq_len + 1} characters (the longest has {longest}) in each split "
+                f"({stats[split]['documents']} {split} documents); lower prepare.seq_len, raise prepare.lines_per_doc, "
+                f"or adjust prepare.val_fraction"
+            )
+    out = {}
+    for split, writer in writers.items():
+        shards = writer.close()
+        out[split] = dict(stats[split], shards=len(shards))
+    out["oov_rate"] = unknown / total if total else 0.0
+    return out
+
+
+def decode_shards(windows: np.ndarray, lengths: list[int], vocab: Vocab, seq_len: int) -> list[str]:
+    """Inverse of windows_of for documents of known lengths (used to verify shards)."""
+    texts, row = [], 0
+    for length in lengths:
+        if length < seq_len + 1:
+            continue
+        n = -(-(length - 1) // seq_len)
+        doc = windows[row: row + n]
+        row += n
+        text = vocab.decode(doc[0])
+        for k in range(1, n):
+            start = min(k * seq_len, length - seq_len - 1)
+            text += vocab.decode(doc[k][len(text) - start:])
+        texts.append(text)
+    return texts

@@ -1,0 +1,150 @@
+"""Parquet sequence shards: write windows of token ids one shard at a time, read them back.
+
+A shard is `{split}-{i:05d}-of-{n:05d}.parquet` with one column `ids` of type
+`fixed_size_list<uint16>[seq_len + 1]` (x = ids[:-1], y = ids[1:]), zstd-compressed, and
+schema metadata naming the vocabulary fingerprint, seq_len, corpus and split.
+
+    with ShardWriter(out_dir, "train", seq_len=100, corpus="homer", vocab_fingerprint=fp) as w:
+        w.add(windows)                      # (N, seq_len + 1) uint16
+    windows, meta = read_split(out_dir, "train")   # (N_total, seq_len + 1) uint16
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.parquet$")
+DEFAULT_ROWS_PER_SHARD = 50_000
+
+
+class ShardError(ValueError):
+    """Shards are missing, incomplete or inconsistent."""
+
+
+def shard_name(split: str, i: int, n: int) -> str:
+    return f"{split}-{i:05d}-of-{n:05d}.parquet"
+
+
+class ShardWriter:
+    """Buffers windows and writes a shard each time `rows_per_shard` rows are ready.
+
+    Shards are written under hidden partial names and renamed to their final
+    `-of-{n}` names on close, once n is known; memory holds at most one shard.
+    """
+
+    def __init__(self, out_dir, split: str, *, seq_len: int, corpus: str, vocab_fingerprint: str,
+                 rows_per_shard: int = DEFAULT_ROWS_PER_SHARD):
+        self.out_dir = Path(out_dir)
+        self.split = split
+        self.seq_len = seq_len
+        self.rows_per_shard = rows_per_shard
+        self.width = seq_len + 1
+        self.schema = pa.schema(
+            [pa.field("ids", pa.list_(pa.uint16(), self.width))],
+            metadata={
+                "vocab_fingerprint": vocab_fingerprint,
+                "seq_len": str(seq_len),
+                "corpus": corpus,
+                "split": split,
+            },
+        )
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
+        self._partials: list[Path] = []
+        self.rows = 0
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def add(self, windows: np.ndarray) -> None:
+        if windows.ndim != 2 or windows.shape[1] != self.width:
+            raise ShardError(f"windows must be (N, {self.width}), got {windows.shape}")
+        if not len(windows):
+            return
+        self._pending.append(np.ascontiguousarray(windows, dtype=np.uint16))
+        self._pending_rows += len(windows)
+        while self._pending_rows >= self.rows_per_shard:
+            self._flush(self.rows_per_shard)
+
+    def _flush(self, rows: int) -> None:
+        block = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        head, rest = block[:rows], block[rows:]
+        self._pending = [rest] if len(rest) else []
+        self._pending_rows = len(rest)
+        values = pa.array(head.reshape(-1), type=pa.uint16())
+        column = pa.FixedSizeListArray.from_arrays(values, self.width)
+        table = pa.Table.from_arrays([column], schema=self.schema)
+        path = self.out_dir / f".{self.split}-{len(self._partials):05d}.partial"
+        pq.write_table(table, path, compression="zstd")
+        self._partials.append(path)
+        self.rows += len(head)
+
+    def close(self) -> list[Path]:
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+        n = len(self._partials)
+        final = []
+        for i, partial in enumerate(self._partials):
+            target = self.out_dir / shard_name(self.split, i, n)
+            os.replace(partial, target)
+            final.append(target)
+        self._partials = []
+        return final
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            for p in self._partials:
+                p.unlink(missing_ok=True)
+
+
+def list_shards(shards_dir, split: str) -> list[Path]:
+    """The split's shard paths in order; raises if one of the `-of-n` set is missing."""
+    shards_dir = Path(shards_dir)
+    found = {}
+    for path in shards_dir.glob(f"{split}-*.parquet"):
+        m = SHARD_RE.match(path.name)
+        if m and m["split"] == split:
+            found[int(m["i"])] = (int(m["n"]), path)
+    if not found:
+        raise ShardError(f"{shards_dir}: no {split} shards; run the prepare stage first")
+    totals = {n for n, _ in found.values()}
+    n = max(totals)
+    if len(totals) != 1 or sorted(found) != list(range(n)):
+        raise ShardError(f"{shards_dir}: {split} shards are incomplete (found {sorted(found)} of {n}); re-run prepare")
+    return [found[i][1] for i in range(n)]
+
+
+def shard_metadata(path) -> dict:
+    meta = pq.read_schema(path).metadata or {}
+    out = {k.decode(): v.decode() for k, v in meta.items() if not k.startswith(b"ARROW")}
+    if "seq_len" in out:
+        out["seq_len"] = int(out["seq_len"])
+    return out
+
+
+def read_split(shards_dir, split: str) -> tuple[np.ndarray, dict]:
+    """All windows of a split, (N, seq_len + 1) uint16, and the shards' shared metadata."""
+    paths = list_shards(shards_dir, split)
+    blocks, meta = [], None
+    for path in paths:
+        table = pq.read_table(path)
+        this = shard_metadata(path)
+        if meta is None:
+            meta = this
+        elif {k: this.get(k) for k in ("vocab_fingerprint", "seq_len")} != {k: meta.get(k) for k in ("vocab_fingerprint", "seq_len")}:
+            raise ShardError(f"{path}: metadata {this} differs from the other {split} shards {meta}")
+        width = meta["seq_len"] + 1
+        values = table.column("ids").combine_chunks().values.to_numpy(zero_copy_only=False)
+        blocks.append(values.reshape(-1, width))
+    windows = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+    meta = dict(meta, rows=len(windows), shards=len(paths))
+    return windows.astype(np.uint16, copy=False), meta

@@ -1,0 +1,471 @@
+"""The one training loop, for pretraining and fine-tuning, with true resume.
+
+`train()` reads the train/val shards, trains a CharRNN with Adam, and writes into `out_dir`:
+
+    last/          checkpoint every `checkpoint_every_steps`, at each epoch end and at the end
+    best/          checkpoint at the best validation loss so far
+    metrics.jsonl  one JSON object per log / eval / epoch event
+
+If `out_dir/last/` exists the run continues from it exactly (weights, optimizer, step,
+position in the epoch, LR, RNG states): on CPU the final weights are bit-for-bit those of
+an uninterrupted run. A finished run is returned as is. Fine-tuning is `init_from=<checkpoint
+dir>`: its weights, a fresh optimizer and its own TrainConfig.
+
+Run it directly (Ctrl-C or SIGTERM saves last/ and stops; run again to resume):
+
+    python -m model.train --shards data/prepare/<fp>/shards/homer --vocab data/prepare/<fp>/vocab.json \\
+        --out /tmp/run --set epochs=2 --set model.hidden_sizes=[64,64] [--init-from CKPT_DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator
+
+from model.checkpoint import check_compatible, load_checkpoint, read_state, resolve_checkpoint, save_checkpoint
+from model.network import CharRNN, ModelConfig, build_model
+from model.shards import ShardError, read_split
+from model.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+
+class TrainConfig(BaseModel):
+    """How to train; the defaults are the published pretraining recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    learning_rate: PositiveFloat = Field(1e-3, description="Adam learning rate during the constant epochs")
+    batch_size: PositiveInt = Field(64, description="windows per optimizer step")
+    epochs: PositiveInt = Field(10, description="passes over the training windows")
+    max_steps: PositiveInt | None = Field(None, description="stop after this many optimizer steps in all (a step budget)")
+    constant_epochs: NonNegativeInt = Field(10, description="epochs at the full rate; each later epoch multiplies it by exp(-0.1)")
+    grad_clip: PositiveFloat = Field(5.0, description="clip the global gradient norm to this")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA when supported, else fp32; bf16/fp16 need CUDA (fp16 uses a GradScaler)")
+    allow_tf32: bool = Field(True, description="let CUDA matmuls and cuDNN use TF32 for fp32 math")
+    device: str = Field("auto", description="torch device (cpu, cuda, cuda:1, ...); auto picks cuda when available")
+    eval_every_steps: NonNegativeInt = Field(0, description="validate every this many steps too; 0 = only at epoch end")
+    checkpoint_every_steps: NonNegativeInt = Field(200, description="write last/ every this many steps; 0 = only at epoch end")
+    log_every_steps: PositiveInt = Field(50, description="report mean loss and chars/s every this many steps")
+    early_stopping_patience: PositiveInt | None = Field(
+        3, description="stop after this many validations in a row without a new best loss; None = never")
+    seed: NonNegativeInt = Field(0, description="seeds weight init, dropout and the data order")
+    max_val_windows: PositiveInt | None = Field(None, description="validate on this many evenly spaced val windows; None = all")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value != "auto":
+            try:
+                torch.device(value)
+            except RuntimeError as exc:
+                raise ValueError(f"not a torch device: {exc}") from None
+        return value
+
+
+class TrainingStopped(Exception):
+    """should_stop() asked to stop; last/ holds the position to resume from."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"training stopped on request after step {step}; resume from {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; last/ still holds the previous good checkpoint."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"training loss (or gradient norm) is {value} at step {step}; lower the learning rate, "
+                         f"or resume from the last good checkpoint")
+        self.step = step
+
+
+@dataclass
+class TrainCallbacks:
+    on_log: Callable[[dict], None] | None = None  # {step, epoch, loss, chars_per_s, lr}
+    on_eval: Callable[[dict], None] | None = None  # {step, epoch, val_loss, val_bpc, val_ppl, best_val_loss, improved}
+    on_epoch_end: Callable[[dict], None] | None = None  # {epoch, step, lr, train_loss, val_loss, val_bpc, val_ppl, best_val_loss}
+    on_checkpoint: Callable[[str, Path], None] | None = None  # ("last" | "best", directory)
+    should_stop: Callable[[], bool] | None = None  # checked before every step
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs: int  # completed epochs
+    best_val_loss: float | None  # nats/char
+    best_val_bpc: float | None
+    last_val_loss: float | None
+    history: list[dict]  # one on_epoch_end dict per completed epoch
+    train_chars_per_s: float  # over all runs of this out_dir, eval and checkpoint time excluded
+    stopped_early: bool
+    resumed_from_step: int | None
+
+
+def lr_at_epoch(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate of 0-based `epoch`: constant, then x exp(-0.1) per epoch after constant_epochs."""
+    return cfg.learning_rate * math.exp(-0.1 * max(0, epoch - cfg.constant_epochs + 1))
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of the n training windows in an epoch: a function of (seed, epoch) only."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def resolve_device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if precision != "fp32" and device.type != "cuda":
+        raise ValueError(f"precision={precision} needs a CUDA device (mixed precision runs on CUDA only); "
+                         f"use precision=auto or fp32 on {device}")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def read_windows(shards_dir, split: str, vocab: Vocab) -> np.ndarray:
+    """A split's windows, (N, seq_len + 1) uint16, after checking they use `vocab`."""
+    windows, meta = read_split(shards_dir, split)
+    if meta.get("vocab_fingerprint") != vocab.fingerprint:
+        raise ShardError(f"shards {shards_dir} were built with vocabulary {meta.get('vocab_fingerprint')} but the "
+                         f"vocabulary given is {vocab.fingerprint}; re-run prepare or pass the shards' vocab.json")
+    return windows
+
+
+def batch_loss(model: CharRNN, batch: torch.Tensor, amp: torch.dtype | None, reduction: str = "mean") -> torch.Tensor:
+    """Cross entropy in nats of predicting batch[:, 1:] from batch[:, :-1]; batch (B, T + 1) long."""
+    with torch.autocast(batch.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        logits, _ = model(batch[:, :-1])  # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction=reduction)
+
+
+@torch.no_grad()
+def evaluate(model: CharRNN, windows: np.ndarray, *, batch_size: int, device: torch.device,
+             amp: torch.dtype | None = None) -> float:
+    """Mean loss over all windows, nats/char."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i in range(0, len(windows), batch_size):
+        batch = torch.from_numpy(windows[i:i + batch_size].astype(np.int64)).to(device)  # (B, T + 1)
+        total += batch_loss(model, batch, amp, reduction="sum")
+    model.train(was_training)
+    return total.item() / (len(windows) * (windows.shape[1] - 1))
+
+
+class _Stopwatch:
+    """Training seconds: wall time minus the time spent inside paused() blocks."""
+
+    def __init__(self, offset: float):
+        self.start, self.pauses = time.perf_counter() - offset, 0.0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.pauses
+
+    @contextmanager
+    def paused(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.pauses += time.perf_counter() - t
+
+
+def _append_jsonl(path: Path, entry: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Drop metric entries past `step` (and a torn last line) before a resumed run appends."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _fresh_run(cfg: TrainConfig, init_from) -> dict:
+    """The run state that state.json carries (besides what save_checkpoint adds)."""
+    return {
+        "step": 0,
+        "epoch": 0,  # 0-based epoch in progress (= epochs completed)
+        "batch_in_epoch": 0,  # batches of that epoch already trained
+        "lr": lr_at_epoch(cfg, 0),
+        "done": False,
+        "stopped_early": False,
+        "metrics": {"best_val_loss": None, "best_val_bpc": None, "best_step": None, "last_val_loss": None,
+                    "last_eval_step": None, "bad_evals": 0, "epoch_loss_sum": 0.0, "epoch_loss_steps": 0,
+                    "train_chars": 0, "train_seconds": 0.0},
+        "history": [],
+        "train_config": cfg.model_dump(),
+        "init_from": None if init_from is None else str(init_from),
+        "grad_scaler": None,
+    }
+
+
+def _result(run: dict, resumed_from_step: int | None) -> TrainResult:
+    m = run["metrics"]
+    return TrainResult(
+        steps=run["step"], epochs=run["epoch"], best_val_loss=m["best_val_loss"], best_val_bpc=m["best_val_bpc"],
+        last_val_loss=m["last_val_loss"], history=run["history"],
+        train_chars_per_s=m["train_chars"] / m["train_seconds"] if m["train_seconds"] else 0.0,
+        stopped_early=run["stopped_early"], resumed_from_step=resumed_from_step,
+    )
+
+
+def train(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, out_dir, vocab: Vocab,
+          init_from=None, callbacks: TrainCallbacks | None = None) -> TrainResult:
+    """Train (or resume, or return the finished run in `out_dir`); see the module docstring."""
+    cfg, cbs, out_dir = train_config, callbacks or TrainCallbacks(), Path(out_dir)
+    last_dir, best_dir, metrics_path = out_dir / "last", out_dir / "best", out_dir / "metrics.jsonl"
+    previous = resolve_checkpoint(last_dir)
+    if previous is not None:
+        saved = read_state(previous)
+        check_compatible(saved, vocab=vocab, model_config=model_config)
+        if saved["done"]:
+            log.info("%s holds a finished run (step %d); not training again", out_dir, saved["step"])
+            return _result(saved, saved["step"])
+
+    train_w, val_w = read_windows(shards_dir, "train", vocab), read_windows(shards_dir, "val", vocab)
+    if cfg.max_val_windows is not None and len(val_w) > cfg.max_val_windows:
+        val_w = val_w[np.linspace(0, len(val_w) - 1, cfg.max_val_windows).round().astype(np.int64)]
+    device = resolve_device(cfg.device)
+    amp = resolve_precision(cfg.precision, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_config, vocab.size).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
+
+    run, resumed_from = _fresh_run(cfg, init_from), None
+    if previous is not None:
+        saved = load_checkpoint(previous, model, optimizer, vocab=vocab, model_config=model_config, restore_rng_state=True)
+        run = {k: saved[k] for k in run} | {"train_config": cfg.model_dump()}
+        if run["grad_scaler"]:
+            scaler.load_state_dict(run["grad_scaler"])
+        resumed_from = run["step"]
+        changed = sorted(k for k, v in cfg.model_dump().items() if saved["train_config"].get(k) != v)
+        log.info("resuming %s from step %d (epoch %d, batch %d)", out_dir, run["step"], run["epoch"] + 1, run["batch_in_epoch"])
+        if changed:
+            log.warning("resuming with a changed train config (%s); the run is no longer an exact continuation", ", ".join(changed))
+    elif init_from is not None:
+        load_checkpoint(init_from, model, vocab=vocab, model_config=model_config)
+        log.info("initialised weights from %s", init_from)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("*.tmp-*"):  # left by a crash mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    _truncate_jsonl(metrics_path, run["step"])
+
+    m = run["metrics"]
+    seq_len, n_batches = train_w.shape[1] - 1, math.ceil(len(train_w) / cfg.batch_size)
+    clock = _Stopwatch(m["train_seconds"])
+    pending: list[torch.Tensor] = []  # losses not yet copied to the host (one sync per flush)
+    window = {"loss_sum": 0.0, "steps": 0, "chars": m["train_chars"], "seconds": clock.seconds()}
+
+    def flush() -> None:
+        if not pending:
+            return
+        values = torch.stack(pending).tolist()
+        first = run["step"] - len(pending) + 1
+        pending.clear()
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                raise NonFiniteLossError(first + i, v)
+        window["loss_sum"] += sum(values)
+        window["steps"] += len(values)
+        m["epoch_loss_sum"] += sum(values)
+        m["epoch_loss_steps"] += len(values)
+
+    def emit(kind: str, entry: dict, callback) -> None:
+        _append_jsonl(metrics_path, {"kind": kind, **entry})
+        if callback is not None:
+            callback(entry)
+
+    def save(kind: str) -> None:
+        with clock.paused():
+            m["train_seconds"] = clock.seconds()
+            run["grad_scaler"] = scaler.state_dict() if scaler.is_enabled() else None
+            path = save_checkpoint(out_dir / kind, model=model, vocab=vocab, model_config=model_config, state=run,
+                                   optimizer=optimizer)
+        if cbs.on_checkpoint is not None:
+            cbs.on_checkpoint(kind, path)
+
+    def log_now(lr: float) -> None:
+        flush()
+        now = clock.seconds()
+        chars = m["train_chars"] - window["chars"]
+        entry = {"step": run["step"], "epoch": run["epoch"] + 1, "loss": window["loss_sum"] / max(window["steps"], 1),
+                 "chars_per_s": chars / max(now - window["seconds"], 1e-9), "lr": lr}
+        window.update(loss_sum=0.0, steps=0, chars=m["train_chars"], seconds=now)
+        log.info("step %d epoch %d loss %.4f %.0f chars/s lr %.2e", entry["step"], entry["epoch"], entry["loss"],
+                 entry["chars_per_s"], lr)
+        emit("log", entry, cbs.on_log)
+
+    def validate() -> dict:
+        """Evaluate, keep best/, count patience; returns the eval entry."""
+        flush()
+        with clock.paused():
+            loss = evaluate(model, val_w, batch_size=4 * cfg.batch_size, device=device, amp=amp)
+        improved = m["best_val_loss"] is None or loss < m["best_val_loss"]
+        m.update(last_val_loss=loss, last_eval_step=run["step"], bad_evals=0 if improved else m["bad_evals"] + 1)
+        if improved:
+            m.update(best_val_loss=loss, best_val_bpc=loss / math.log(2), best_step=run["step"])
+        entry = {"step": run["step"], "epoch": run["epoch"] + 1, "val_loss": loss, "val_bpc": loss / math.log(2),
+                 "val_ppl": math.exp(min(loss, 700.0)), "best_val_loss": m["best_val_loss"], "improved": improved}
+        log.info("step %d val loss %.4f nats/char, %.4f bits/char%s", run["step"], loss, entry["val_bpc"],
+                 " (best)" if improved else "")
+        emit("eval", entry, cbs.on_eval)
+        if improved:
+            save("best")
+        if cfg.early_stopping_patience is not None and m["bad_evals"] >= cfg.early_stopping_patience:
+            run["stopped_early"] = True
+        return entry
+
+    def out_of_steps() -> bool:
+        return cfg.max_steps is not None and run["step"] >= cfg.max_steps
+
+    stop = out_of_steps()
+    while not stop and run["epoch"] < cfg.epochs:
+        lr = run["lr"] = lr_at_epoch(cfg, run["epoch"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        order = epoch_order(cfg.seed, run["epoch"], len(train_w))
+        for b in range(run["batch_in_epoch"], n_batches):
+            if cbs.should_stop is not None and cbs.should_stop():
+                flush()
+                save("last")
+                raise TrainingStopped(run["step"], last_dir)
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            batch = torch.from_numpy(train_w[idx].astype(np.int64)).to(device)  # (B, T + 1)
+            loss = batch_loss(model, batch, amp)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            # + 0 * grad_norm: the loss, or NaN when the gradient was not finite (the GradScaler
+            # skips such steps itself, so only without it does that poison the weights)
+            pending.append(loss.detach() if scaler.is_enabled() else loss.detach() + 0 * grad_norm)
+            run["step"] += 1
+            run["batch_in_epoch"] = b + 1
+            m["train_chars"] += len(idx) * seq_len
+            step = run["step"]
+            if step % cfg.log_every_steps == 0:
+                log_now(lr)
+            if b + 1 == n_batches:
+                break  # the epoch end below validates and saves
+            if out_of_steps():
+                stop = True
+                if m["last_eval_step"] != step:
+                    validate()
+                break
+            if cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
+                validate()
+                if run["stopped_early"]:
+                    stop = True
+                    break
+            if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
+                flush()
+                save("last")
+        if run["batch_in_epoch"] == n_batches:
+            flush()
+            entry = validate()
+            epoch_entry = {"epoch": run["epoch"] + 1, "step": run["step"], "lr": lr,
+                           "train_loss": m["epoch_loss_sum"] / max(m["epoch_loss_steps"], 1),
+                           **{k: entry[k] for k in ("val_loss", "val_bpc", "val_ppl", "best_val_loss")}}
+            run["history"].append(epoch_entry)
+            run.update(epoch=run["epoch"] + 1, batch_in_epoch=0)
+            m.update(epoch_loss_sum=0.0, epoch_loss_steps=0)
+            emit("epoch", epoch_entry, cbs.on_epoch_end)
+            stop = run["stopped_early"] or out_of_steps()
+            if not stop and run["epoch"] < cfg.epochs:
+                save("last")
+    flush()
+    run["done"] = True
+    save("last")
+    return _result(run, resumed_from)
+
+
+def _parse_overrides(items: list[str]) -> dict[str, dict]:
+    """`--set key=value` pairs -> {"train": {...}, "model": {...}}; values are JSON, else strings."""
+    out: dict[str, dict] = {"train": {}, "model": {}}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        section, _, name = key.rpartition(".")
+        section = section or ("train" if name in TrainConfig.model_fields else "model")
+        if section not in out:
+            raise ValueError(f"--set {item!r}: the key must be train.<field>, model.<field> or a bare field name")
+        try:
+            out[section][name] = json.loads(raw)
+        except ValueError:
+            out[section][name] = raw
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--shards", required=True, help="directory of one corpus's train-/val- shards")
+    parser.add_argument("--vocab", required=True, help="the vocab.json the shards were built with")
+    parser.add_argument("--out", required=True, help="run directory (last/, best/, metrics.jsonl); resumed if present")
+    parser.add_argument("--init-from", help="checkpoint directory to take the initial weights from (fine-tuning)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override train.<field> or model.<field> (a bare name is a TrainConfig field if one "
+                             "exists, else a ModelConfig field); VALUE is parsed as JSON when it can be")
+    args = parser.parse_args(argv)
+    try:
+        overrides = _parse_overrides(args.set)
+        model_cfg, train_cfg = ModelConfig(**overrides["model"]), TrainConfig(**overrides["train"])
+    except (ValueError, ValidationError) as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop_requested = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: stop_requested.append(signum))
+    try:
+        result = train(model_config=model_cfg, train_config=train_cfg, shards_dir=args.shards, out_dir=args.out,
+                       vocab=Vocab.load(args.vocab), init_from=args.init_from,
+                       callbacks=TrainCallbacks(should_stop=lambda: bool(stop_requested)))
+    except TrainingStopped as exc:
+        log.warning("%s", exc)
+        return 130
+    print(json.dumps(asdict(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

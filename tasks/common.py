@@ -1,0 +1,63 @@
+"""Shared task plumbing: input-keyed cache keys and Prefect artifacts for stage outputs.
+
+A stage task's cache key is its output fingerprint, and only while that output is
+complete on disk: Prefect shows a re-run as Cached, and a deleted output is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from prefect.artifacts import create_link_artifact, create_table_artifact
+
+from model.store import StageRef, data_root, fingerprint, is_complete, output_dir
+
+CODE_VERSIONS = {  # bump a stage's version when its output format or logic changes
+    "ingest-wikipedia": "1",
+    "ingest-simpsons": "1",
+    "prepare": "1",
+    "pretrain": "1",
+    "finetune": "1",
+    "report": "1",
+}
+
+
+def stage_fingerprint(stage: str, config: Any, inputs: dict[str, StageRef] | None = None) -> str:
+    return fingerprint(stage, config, {k: v.fingerprint for k, v in (inputs or {}).items()}, CODE_VERSIONS[stage])
+
+
+def stage_cache_key(stage: str):
+    """A cache_key_fn: the output's fingerprint while the output is complete, else no caching."""
+
+    def key(_context, parameters: dict) -> str | None:
+        root = data_root(parameters.get("root"))
+        fp = stage_fingerprint(stage, parameters["config"], parameters.get("inputs"))
+        if not is_complete(output_dir(root, stage, fp)):
+            return None
+        return f"{stage}-{fp}-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
+
+    return key
+
+
+def artifact_key(*parts: str) -> str:
+    """Dash-case, stable artifact keys: homer-<stage>-<what>."""
+    return "-".join(["homer", *parts]).replace("_", "-").lower()
+
+
+def publish_counts(stage: str, ref: StageRef, rows: list[dict], description: str) -> None:
+    create_link_artifact(key=artifact_key(stage, "output"), link=ref.dir.as_uri(), link_text=f"{stage} {ref.fingerprint}",
+                         description=f"{stage} output directory")
+    create_table_artifact(key=artifact_key(stage, "counts"), table=rows, description=description)
+
+
+def flatten(counts: dict, prefix: str = "") -> list[dict]:
+    """{'a': {'b': 1}} -> [{'metric': 'a.b', 'value': 1}] for table artifacts."""
+    rows = []
+    for key, value in counts.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows.extend(flatten(value, name + "."))
+        else:
+            rows.append({"metric": name, "value": round(value, 6) if isinstance(value, float) else value})
+    return rows

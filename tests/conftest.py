@@ -1,0 +1,68 @@
+"""Shared test set-up: a temporary PREFECT_HOME and HF cache, one Prefect test harness.
+
+The environment is set at import time, before any test module imports prefect, so
+every Prefect setting resolves inside the temporary home.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="homer-tests-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = "0.3"
+os.environ["HF_HOME"] = str(_SESSION_HOME / "hf")
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["KAGGLEHUB_CACHE"] = str(_SESSION_HOME / "kagglehub")
+os.environ.pop("HOMER_DATA_DIR", None)
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server for the whole session (flow and task tests use it)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            yield
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch) -> Path:
+    """A fresh artifact root, also exported as HOMER_DATA_DIR."""
+    root = tmp_path / "data"
+    monkeypatch.setenv("HOMER_DATA_DIR", str(root))
+    return root
+
+
+def write_csv(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+SMALL_CSV = (
+    "raw_character_text,spoken_words\n"
+    "Marge Simpson,Homer, did you eat all the doughnuts?\n"
+    "Homer Simpson,\"Marge, I said \"\"no more\"\" and I meant it.\"\n"
+    ",\n"
+    "Homer Simpson,\n"
+    "Bart Simpson,Eat my shorts.\n"
+    "Homer Simpson,   Mmm...   doughnuts.  \n"
+    "Young Homer,I'll be a rock star!\n"
+    "Homer Simpson,Iâ€™m not fat â€¦ I'm big-boned.\n"
+)
+
+
+@pytest.fixture
+def small_csv(tmp_path) -> Path:
+    return write_csv(tmp_path / "simpsons_dataset.csv", SMALL_CSV)

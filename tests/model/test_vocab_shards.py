@@ -1,0 +1,77 @@
+"""Vocabulary encode/decode and the Parquet shard contract."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from model.shards import ShardError, ShardWriter, list_shards, read_split
+from model.vocab import UNK_TOKEN, Vocab, VocabularyError, build_vocab, count_chars
+
+
+def test_vocab_round_trip_and_unknown():
+    vocab = build_vocab(count_chars(["D'oh! Mmm… doughnuts", "Woo-hoo!"]))
+    text = "Mmm… D'oh!"
+    assert vocab.decode(vocab.encode(text)) == text
+    ids = vocab.encode("Zé")
+    assert ids.dtype == np.uint16 and (ids == vocab.unk_id).all()
+    assert vocab.decode(ids) == UNK_TOKEN * 2
+
+
+def test_vocab_order_is_deterministic_and_min_count_applies():
+    counts = Counter({"a": 3, "b": 3, "c": 1, "d": 5})
+    assert build_vocab(counts).chars == ("d", "a", "b", "c")
+    assert build_vocab(counts, min_count=2).chars == ("d", "a", "b")
+
+
+def test_vocab_save_load_and_fingerprint(tmp_path):
+    vocab = build_vocab(count_chars(["hello world"]))
+    vocab.save(tmp_path / "vocab.json")
+    again = Vocab.load(tmp_path / "vocab.json")
+    assert again == vocab and again.fingerprint == vocab.fingerprint
+    assert build_vocab(count_chars(["hello there"])).fingerprint != vocab.fingerprint
+
+
+def test_vocab_too_large_for_uint16():
+    counts = Counter({chr(0x4E00 + i): 1 for i in range(70_000)})
+    with pytest.raises(VocabularyError, match="uint16.*prepare.min_count"):
+        build_vocab(counts)
+
+
+def test_shards_round_trip_and_contract(tmp_path):
+    rng = np.random.default_rng(0)
+    windows = rng.integers(0, 60, size=(25, 11), dtype=np.uint16)
+    with ShardWriter(tmp_path, "train", seq_len=10, corpus="c", vocab_fingerprint="abc", rows_per_shard=10) as writer:
+        writer.add(windows[:7])
+        writer.add(windows[7:])
+    names = [p.name for p in list_shards(tmp_path, "train")]
+    assert names == ["train-00000-of-00003.parquet", "train-00001-of-00003.parquet", "train-00002-of-00003.parquet"]
+    schema = pq.read_schema(tmp_path / names[0])
+    ids_type = schema.field("ids").type
+    assert ids_type.list_size == 11 and str(ids_type.value_type) == "uint16" and ids_type.num_fields == 1
+    assert "fixed_size_list" in str(ids_type)
+    assert pq.ParquetFile(tmp_path / names[0]).metadata.row_group(0).column(0).compression == "ZSTD"
+    got, meta = read_split(tmp_path, "train")
+    assert np.array_equal(got, windows)
+    assert meta["vocab_fingerprint"] == "abc" and meta["seq_len"] == 10 and meta["corpus"] == "c"
+
+
+def test_missing_shard_is_detected(tmp_path):
+    with ShardWriter(tmp_path, "val", seq_len=2, corpus="c", vocab_fingerprint="f", rows_per_shard=1) as writer:
+        writer.add(np.zeros((2, 3), dtype=np.uint16))
+    (tmp_path / "val-00001-of-00002.parquet").unlink()
+    with pytest.raises(ShardError, match="incomplete"):
+        read_split(tmp_path, "val")
+    with pytest.raises(ShardError, match="no train shards"):
+        read_split(tmp_path, "train")
+
+
+def test_failed_writer_leaves_no_shard(tmp_path):
+    with pytest.raises(RuntimeError):
+        with ShardWriter(tmp_path, "train", seq_len=2, corpus="c", vocab_fingerprint="f", rows_per_shard=1) as writer:
+            writer.add(np.zeros((3, 3), dtype=np.uint16))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
