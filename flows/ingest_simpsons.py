@@ -11,13 +11,13 @@ from prefect import flow
 from flows.naming import run_namer
 from model.sources import SimpsonsConfig
 from model.store import StageRef, data_root
-from tasks.common import flatten, publish_counts
+from tasks.common import flatten, publish_counts, run_stage_task
 from tasks.data import ingest_simpsons_task
 
 
 @flow(name="ingest-simpsons", flow_run_name=run_namer("ingest-simpsons", {"source": "config.source", "character": "config.character"}))
 def ingest_simpsons(config: SimpsonsConfig = SimpsonsConfig(), data_dir: str | None = None) -> StageRef:
     """Filter the dialogue CSV to the configured character's lines, repaired and normalised."""
-    ref = ingest_simpsons_task(config, root=str(data_root(data_dir)))
+    ref = run_stage_task(ingest_simpsons_task, "ingest-simpsons", config, None, str(data_root(data_dir)))
     publish_counts("ingest-simpsons", ref, flatten(ref.manifest()["counts"]), "rows read, kept and dropped (with reasons)")
     return ref

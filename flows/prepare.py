@@ -13,7 +13,7 @@ from prefect import flow
 from flows.naming import run_namer
 from model.prepare import PrepareConfig
 from model.store import StageRef, data_root, resolve
-from tasks.common import flatten, publish_counts
+from tasks.common import flatten, publish_counts, run_stage_task
 from tasks.data import prepare_task
 
 
@@ -27,7 +27,7 @@ def prepare(
     """Build corpora, the character vocabulary and train/val shards from the ingested data."""
     root = data_root(data_dir)
     inputs = {"wikipedia": resolve(root, "ingest-wikipedia", wikipedia), "simpsons": resolve(root, "ingest-simpsons", simpsons)}
-    ref = prepare_task(config, inputs=inputs, root=str(root))
+    ref = run_stage_task(prepare_task, "prepare", config, inputs, str(root))
     counts = ref.manifest()["counts"]
     publish_counts("prepare", ref, flatten(counts), "vocabulary size, out-of-vocabulary rates, documents and windows per split")
     return ref

@@ -90,7 +90,10 @@ def _optimizer_join(tensors: dict, meta: dict) -> dict:
     for key, value in tensors.items():
         _, pid, name = key.split(".", 2)
         state.setdefault(int(pid), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+    # JSON turned tuples (Adam's betas) into lists; "params" is the one list
+    groups = [{k: v if k == "params" or not isinstance(v, list) else tuple(v) for k, v in g.items()}
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def _write_json(path: Path, data) -> None:

@@ -14,10 +14,12 @@ import codecs
 import csv
 import logging
 import os
+import socket
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, Literal
+from urllib.parse import urlparse
 
 import ftfy
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -137,10 +139,21 @@ def _article(row: dict, index: int, titles: list[str] | None) -> dict:
     }
 
 
+def probe_hub(timeout_s: float = 5.0) -> None:
+    """Fail fast when the hub cannot be reached (datasets' own retries take ~30 s)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ConnectionError("HF_HUB_OFFLINE is set")
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+
+
 def _open_stream(cfg: WikipediaConfig):
     import datasets  # heavy import, only where needed
 
     if cfg.source == "hub":
+        if not Path(cfg.dataset).is_dir():  # a hub-format folder on disk needs no network
+            probe_hub()
         stream = datasets.load_dataset(cfg.dataset, cfg.config_name, split=cfg.split, streaming=True)
         titles = None
     else:
@@ -157,6 +170,8 @@ def _open_stream(cfg: WikipediaConfig):
 
 
 def _is_network_error(exc: BaseException) -> bool:
+    if any(isinstance(e, (ConnectionError, TimeoutError, socket.gaierror)) for e in _chain(exc)):
+        return True
     names = {type(e).__name__ for e in _chain(exc)}
     return bool(names & {"ConnectionError", "Timeout", "ReadTimeout", "ConnectTimeout", "ConnectError",
                          "OfflineModeIsEnabled", "HTTPError", "LocalEntryNotFoundError", "gaierror",

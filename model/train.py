@@ -224,7 +224,7 @@ def _fresh_run(cfg: TrainConfig, init_from) -> dict:
         "stopped_early": False,
         "metrics": {"best_val_loss": None, "best_val_bpc": None, "best_step": None, "last_val_loss": None,
                     "last_eval_step": None, "bad_evals": 0, "epoch_loss_sum": 0.0, "epoch_loss_steps": 0,
-                    "train_chars": 0, "train_seconds": 0.0},
+                    "log_loss_sum": 0.0, "log_loss_steps": 0, "train_chars": 0, "train_seconds": 0.0},
         "history": [],
         "train_config": cfg.model_dump(),
         "init_from": None if init_from is None else str(init_from),
@@ -292,7 +292,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, o
     seq_len, n_batches = train_w.shape[1] - 1, math.ceil(len(train_w) / cfg.batch_size)
     clock = _Stopwatch(m["train_seconds"])
     pending: list[torch.Tensor] = []  # losses not yet copied to the host (one sync per flush)
-    window = {"loss_sum": 0.0, "steps": 0, "chars": m["train_chars"], "seconds": clock.seconds()}
+    window = {"chars": m["train_chars"], "seconds": clock.seconds()}  # at the last log, for chars/s
 
     def flush() -> None:
         if not pending:
@@ -303,10 +303,9 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, o
         for i, v in enumerate(values):
             if not math.isfinite(v):
                 raise NonFiniteLossError(first + i, v)
-        window["loss_sum"] += sum(values)
-        window["steps"] += len(values)
-        m["epoch_loss_sum"] += sum(values)
-        m["epoch_loss_steps"] += len(values)
+        for kind in ("epoch", "log"):
+            m[f"{kind}_loss_sum"] += sum(values)
+            m[f"{kind}_loss_steps"] += len(values)
 
     def emit(kind: str, entry: dict, callback) -> None:
         _append_jsonl(metrics_path, {"kind": kind, **entry})
@@ -326,9 +325,10 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, o
         flush()
         now = clock.seconds()
         chars = m["train_chars"] - window["chars"]
-        entry = {"step": run["step"], "epoch": run["epoch"] + 1, "loss": window["loss_sum"] / max(window["steps"], 1),
+        entry = {"step": run["step"], "epoch": run["epoch"] + 1, "loss": m["log_loss_sum"] / max(m["log_loss_steps"], 1),
                  "chars_per_s": chars / max(now - window["seconds"], 1e-9), "lr": lr}
-        window.update(loss_sum=0.0, steps=0, chars=m["train_chars"], seconds=now)
+        m.update(log_loss_sum=0.0, log_loss_steps=0)
+        window.update(chars=m["train_chars"], seconds=now)
         log.info("step %d epoch %d loss %.4f %.0f chars/s lr %.2e", entry["step"], entry["epoch"], entry["loss"],
                  entry["chars_per_s"], lr)
         emit("log", entry, cbs.on_log)

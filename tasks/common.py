@@ -28,16 +28,29 @@ def stage_fingerprint(stage: str, config: Any, inputs: dict[str, StageRef] | Non
 
 
 def stage_cache_key(stage: str):
-    """A cache_key_fn: the output's fingerprint while the output is complete, else no caching."""
+    """A cache_key_fn: the stage's output fingerprint (and root), so same inputs hit the cache."""
 
-    def key(_context, parameters: dict) -> str | None:
+    def key(_context, parameters: dict) -> str:
         root = data_root(parameters.get("root"))
         fp = stage_fingerprint(stage, parameters["config"], parameters.get("inputs"))
-        if not is_complete(output_dir(root, stage, fp)):
-            return None
         return f"{stage}-{fp}-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
 
     return key
+
+
+def run_stage_task(stage_task, stage: str, config: Any, inputs: dict[str, StageRef] | None, root: str, **options):
+    """Call a stage task, refreshing its cache entry when the output is not complete on disk.
+
+    A complete output shows as Cached in Prefect; a deleted or never-finished one is
+    rebuilt instead of being served from a stale cache record.
+    """
+    fp = stage_fingerprint(stage, config, inputs)
+    complete = is_complete(output_dir(data_root(root), stage, fp))
+    task = stage_task.with_options(refresh_cache=not complete)
+    kwargs = {"config": config, "root": root}
+    if inputs is not None:
+        kwargs["inputs"] = inputs
+    return task(**kwargs, **options)
 
 
 def artifact_key(*parts: str) -> str:

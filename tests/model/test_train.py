@@ -1,0 +1,215 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from model.checkpoint import CheckpointError, load_model_from_checkpoint, read_state
+from model.network import ModelConfig
+from model.shards import ShardError
+from model.train import (NonFiniteLossError, TrainCallbacks, TrainConfig, TrainingStopped, _parse_overrides, evaluate,
+                         lr_at_epoch, read_windows, train)
+from model.vocab import build_vocab, count_chars
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"batch_size": 8, "epochs": 3, "log_every_steps": 3, "early_stopping_patience": None,
+                          "device": "cpu", **kw})
+
+
+def _metric_lines(out_dir: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in d.items() if k != "chars_per_s"} for d in lines]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_config_reports_every_bad_field_at_once():
+    with pytest.raises(ValidationError) as err:
+        TrainConfig(learning_rate=0, batch_size=0, precision="fp8", device="gpu7", early_stopping_patience=0, bogus=1)
+    assert {e["loc"][0] for e in err.value.errors()} == {
+        "learning_rate", "batch_size", "precision", "device", "early_stopping_patience", "bogus"}
+
+
+def test_lr_schedule_is_constant_then_decays_by_exp_minus_0_1_per_epoch():
+    cfg = TrainConfig(learning_rate=1e-3, constant_epochs=2)
+    assert [lr_at_epoch(cfg, e) for e in range(2)] == [1e-3, 1e-3]
+    assert lr_at_epoch(cfg, 2) == pytest.approx(1e-3 * math.exp(-0.1))
+    assert lr_at_epoch(cfg, 4) == pytest.approx(1e-3 * math.exp(-0.3))
+    finetune = TrainConfig(learning_rate=1e-5, constant_epochs=4)
+    assert [lr_at_epoch(finetune, e) for e in (3, 4, 5)] == pytest.approx([1e-5, 1e-5 * math.exp(-0.1), 1e-5 * math.exp(-0.2)])
+
+
+def test_loss_goes_down_and_outputs_are_written(tmp_path, corpus, tiny_model_config):
+    logs, epochs, checkpoints = [], [], []
+    cbs = TrainCallbacks(on_log=logs.append, on_epoch_end=epochs.append,
+                         on_checkpoint=lambda kind, path: checkpoints.append(kind))
+    result = train(model_config=tiny_model_config, train_config=_cfg(learning_rate=1e-2, epochs=6), shards_dir=corpus.shards,
+                   out_dir=tmp_path / "run", vocab=corpus.vocab, callbacks=cbs)
+    assert result.steps == 36 and result.epochs == 6 and result.resumed_from_step is None
+    assert logs[-1]["loss"] < 0.7 * logs[0]["loss"]
+    assert result.history == epochs and epochs[-1]["val_loss"] < epochs[0]["val_loss"]
+    assert result.best_val_bpc == pytest.approx(result.best_val_loss / math.log(2))
+    assert epochs[-1]["val_ppl"] == pytest.approx(math.exp(epochs[-1]["val_loss"]))
+    assert set(logs[0]) == {"step", "epoch", "loss", "chars_per_s", "lr"} and result.train_chars_per_s > 0
+    assert "best" in checkpoints and checkpoints[-1] == "last"
+    assert read_state(tmp_path / "run" / "last")["done"] is True
+    assert [d["kind"] for d in _metric_lines(tmp_path / "run")].count("epoch") == 6
+
+
+def test_finished_run_is_returned_without_training(tmp_path, corpus, tiny_model_config):
+    args = dict(model_config=tiny_model_config, train_config=_cfg(epochs=1), shards_dir=corpus.shards,
+                out_dir=tmp_path / "run", vocab=corpus.vocab)
+    first = train(**args)
+    mtime = (tmp_path / "run" / "last" / "state.json").stat().st_mtime_ns
+    again = train(**args)
+    assert (tmp_path / "run" / "last" / "state.json").stat().st_mtime_ns == mtime
+    assert again.history == first.history and again.steps == first.steps and again.resumed_from_step == first.steps
+
+
+def test_stop_and_resume_in_process_is_bit_identical(tmp_path, corpus, tiny_model_config):
+    cfg = _cfg(checkpoint_every_steps=4, eval_every_steps=5)
+    args = dict(model_config=tiny_model_config, train_config=cfg, shards_dir=corpus.shards, vocab=corpus.vocab)
+    train(**args, out_dir=tmp_path / "straight")
+    calls = []
+    stop_before_step_8 = TrainCallbacks(should_stop=lambda: calls.append(1) or len(calls) == 8)
+    with pytest.raises(TrainingStopped) as stopped:
+        train(**args, out_dir=tmp_path / "resumed", callbacks=stop_before_step_8)
+    assert stopped.value.step == 7 and read_state(tmp_path / "resumed" / "last")["batch_in_epoch"] == 1
+    result = train(**args, out_dir=tmp_path / "resumed")
+    assert result.resumed_from_step == 7
+    _assert_same_weights(tmp_path / "straight" / "last", tmp_path / "resumed" / "last")
+    _assert_same_weights(tmp_path / "straight" / "best", tmp_path / "resumed" / "best")
+    assert _metric_lines(tmp_path / "straight") == _metric_lines(tmp_path / "resumed")
+
+
+def test_early_stopping_keeps_best(tmp_path, tiny_model_config, write_shards):
+    # trained on a->b->c->d, validated on a->d->c->b: validation only gets worse as it learns
+    vocab = build_vocab(count_chars(["abcd"]))
+    shards = write_shards(tmp_path / "shards", vocab, "abcd" * 200, "adcb" * 40)
+    result = train(model_config=tiny_model_config, shards_dir=shards, out_dir=tmp_path / "run", vocab=vocab,
+                   train_config=_cfg(learning_rate=1e-2, epochs=20, eval_every_steps=2, early_stopping_patience=2))
+    assert result.stopped_early and result.epochs < 20
+    best = read_state(tmp_path / "run" / "best")
+    assert best["metrics"]["best_val_loss"] == result.best_val_loss < result.last_val_loss
+    model, _, _ = load_model_from_checkpoint(tmp_path / "run" / "best")
+    val = read_windows(shards, "val", vocab)
+    assert evaluate(model, val, batch_size=32, device=torch.device("cpu")) == pytest.approx(result.best_val_loss, rel=1e-6)
+
+
+def test_nonfinite_loss_raises_and_keeps_last_good_checkpoint(tmp_path, corpus, tiny_model_config):
+    args = dict(model_config=tiny_model_config, shards_dir=corpus.shards, out_dir=tmp_path / "run", vocab=corpus.vocab)
+    calls = []
+    with pytest.raises(TrainingStopped):  # a good checkpoint at step 4
+        train(**args, train_config=_cfg(), callbacks=TrainCallbacks(should_stop=lambda: calls.append(1) or len(calls) == 5))
+    good = (tmp_path / "run" / "last" / "model.safetensors").read_bytes()
+    # then a learning rate so high that Adam's first update overflows the next forward pass
+    with pytest.raises(NonFiniteLossError, match="at step 6") as err:
+        train(**args, train_config=_cfg(learning_rate=1e36))
+    assert err.value.step == 6
+    assert (tmp_path / "run" / "last" / "model.safetensors").read_bytes() == good
+    model, _, state = load_model_from_checkpoint(tmp_path / "run" / "last")
+    assert state["step"] == 4 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_finetune_starts_from_checkpoint_weights(tmp_path, corpus, tiny_model_config):
+    args = dict(model_config=tiny_model_config, shards_dir=corpus.shards, vocab=corpus.vocab)
+    pre = train(**args, out_dir=tmp_path / "pre", train_config=_cfg(learning_rate=1e-2, epochs=4))
+    fine = train(**args, out_dir=tmp_path / "fine", init_from=tmp_path / "pre" / "best",
+                 train_config=_cfg(learning_rate=1e-9, epochs=1))
+    assert fine.steps == 6 and fine.resumed_from_step is None
+    assert fine.last_val_loss == pytest.approx(pre.best_val_loss, abs=1e-3)
+    state = read_state(tmp_path / "fine" / "last")
+    assert state["init_from"].endswith("best") and state["train_config"]["learning_rate"] == 1e-9
+    other = ModelConfig(**{**tiny_model_config.model_dump(), "cell": "lstm"})
+    with pytest.raises(CheckpointError, match="cell: checkpoint 'gru' vs asked 'lstm'"):
+        train(**{**args, "model_config": other}, out_dir=tmp_path / "bad", init_from=tmp_path / "pre" / "best",
+              train_config=_cfg())
+
+
+def test_shards_of_another_vocabulary_are_refused(tmp_path, corpus, tiny_model_config):
+    other = build_vocab(count_chars([corpus.text + "xyz"]))
+    with pytest.raises(ShardError, match=f"vocabulary {corpus.vocab.fingerprint} but the vocabulary given is {other.fingerprint}"):
+        train(model_config=tiny_model_config, train_config=_cfg(), shards_dir=corpus.shards, out_dir=tmp_path / "r", vocab=other)
+
+
+def test_mixed_precision_needs_cuda(tmp_path, corpus, tiny_model_config):
+    with pytest.raises(ValueError, match="precision=bf16 needs a CUDA device"):
+        train(model_config=tiny_model_config, train_config=_cfg(precision="bf16"), shards_dir=corpus.shards,
+              out_dir=tmp_path / "r", vocab=corpus.vocab)
+
+
+def test_cli_overrides():
+    assert _parse_overrides(["epochs=2", "model.hidden_sizes=[8, 8]", "train.device=cpu", "dropout=0.2"]) == {
+        "train": {"epochs": 2, "device": "cpu"}, "model": {"hidden_sizes": [8, 8], "dropout": 0.2}}
+    with pytest.raises(ValueError, match="expected key=value"):
+        _parse_overrides(["epochs"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_cuda_trains_and_resumes(tmp_path, corpus, tiny_model_config, precision):
+    cfg = _cfg(precision=precision, device="cuda", checkpoint_every_steps=4)
+    args = dict(model_config=tiny_model_config, train_config=cfg, shards_dir=corpus.shards, vocab=corpus.vocab,
+                out_dir=tmp_path / "run")
+    calls = []
+    with pytest.raises(TrainingStopped):
+        train(**args, callbacks=TrainCallbacks(should_stop=lambda: calls.append(1) or len(calls) == 6))
+    result = train(**args)
+    assert result.resumed_from_step == 5 and math.isfinite(result.last_val_loss)
+    assert (read_state(tmp_path / "run" / "last")["grad_scaler"] is not None) == (precision == "fp16")
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_gives_bit_identical_weights(tmp_path, corpus, tiny_model_config, write_shards):
+    vocab = corpus.vocab
+    shards = write_shards(tmp_path / "long", vocab, corpus.text * 150, corpus.text * 5, rows_per_shard=100)
+    vocab.save(tmp_path / "vocab.json")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def start(out: str) -> subprocess.Popen:
+        sets = ["epochs=4", "batch_size=8", "checkpoint_every_steps=5", "log_every_steps=10", "device=cpu",
+                "early_stopping_patience=null", *(f"model.{k}={json.dumps(v)}" for k, v in tiny_model_config.model_dump().items())]
+        cmd = [sys.executable, "-m", "model.train", "--shards", str(shards), "--vocab", str(tmp_path / "vocab.json"),
+               "--out", str(tmp_path / out), *(a for s in sets for a in ("--set", s))]
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    reference, victim = start("reference"), start("killed")
+    state_path, deadline = tmp_path / "killed" / "last" / "state.json", time.monotonic() + 60
+    while True:  # wait for a mid-epoch checkpoint past the first epoch
+        assert victim.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        try:
+            state = json.loads(state_path.read_text())
+        except (OSError, ValueError):
+            state = None
+        if state and state["epoch"] >= 1 and state["batch_in_epoch"] > 0:
+            break
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not read_state(tmp_path / "killed" / "last")["done"]
+
+    restarted = start("killed")
+    out, _ = restarted.communicate(timeout=120)
+    assert restarted.returncode == 0
+    assert json.loads(out)["resumed_from_step"] > 0
+    reference.communicate(timeout=120)
+    assert reference.returncode == 0
+    _assert_same_weights(tmp_path / "reference" / "last", tmp_path / "killed" / "last")
+    assert _metric_lines(tmp_path / "reference") == _metric_lines(tmp_path / "killed")
