@@ -91,9 +91,14 @@ def run(profile: str = ProfileOpt, config: Optional[Path] = ConfigOpt, set_: Opt
     cfg = _config(profile, config, set_)
     _apply_data_dir(data_dir)
     _run(homer_pipeline, lambda refs: refs, cfg, str(data_root()))
+    samples = json.loads((read_manifest_dir("report") / "samples.json").read_text(encoding="utf-8"))
+    typer.echo(f"\ngenerated lines (prompt {cfg.report.prompt!r}):")
+    for temperature, texts in samples.items():
+        for text in texts:
+            typer.echo(f"  [t={temperature}] {' / '.join(text.splitlines())}")
 
 
-STAGES = ("ingest-wikipedia", "ingest-simpsons", "prepare")
+STAGES = ("ingest-wikipedia", "ingest-simpsons", "prepare", "pretrain", "finetune", "report")
 
 
 @app.command()
@@ -119,10 +124,68 @@ def stage(
     elif name == "ingest-simpsons":
         from flows.ingest_simpsons import ingest_simpsons as fn
         args = (cfg.simpsons, root)
-    else:
+    elif name == "prepare":
         from flows.prepare import prepare as fn
         args = (cfg.prepare, given.get("ingest-wikipedia"), given.get("ingest-simpsons"), root)
+    elif name == "pretrain":
+        from flows.pretrain import pretrain as fn
+        args = (cfg.pretrain, given.get("prepare"), root)
+    elif name == "finetune":
+        from flows.finetune import finetune as fn
+        args = (cfg.finetune, given.get("prepare"), given.get("pretrain"), root)
+    else:
+        from flows.report import report as fn
+        args = (cfg.report, given.get("prepare"), given.get("pretrain"), given.get("finetune"), root)
     _run(fn, lambda ref: {name: ref}, *args)
+    if name == "report":
+        typer.echo("\n" + (read_manifest_dir(name) / "report.md").read_text(encoding="utf-8"))
+
+
+def read_manifest_dir(stage: str) -> Path:
+    from model.store import latest
+
+    return latest(data_root(), stage).dir
+
+
+@app.command()
+def generate(
+    checkpoint: str = typer.Option("latest", help="'latest' (newest finetune, else pretrain), a fingerprint or a checkpoint directory"),
+    prompt: str = typer.Option("Marge, ", help="text the samples continue"),
+    length: int = typer.Option(200, help="characters to generate per sample"),
+    temperature: float = typer.Option(0.8, help="softmax temperature"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="sample from the k most likely characters"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="nucleus sampling threshold"),
+    num_samples: int = typer.Option(3, "--num-samples", "-n", help="samples, generated as one batch"),
+    greedy: bool = typer.Option(False, help="always take the most likely character"),
+    beam_width: Optional[int] = typer.Option(None, "--beam-width", help="beam search with this many beams"),
+    seed: int = typer.Option(0, help="random seed"),
+    data_dir: Optional[Path] = DataDirOpt,
+    as_json: bool = typer.Option(False, "--json", help="print the samples as a JSON list"),
+) -> None:
+    """Generate text from a checkpoint (no Prefect server needed)."""
+    from pydantic import ValidationError
+
+    from flows.config import GenerateConfig, format_errors
+    from flows.generate import sample
+
+    _apply_data_dir(data_dir)
+    try:
+        cfg = GenerateConfig(checkpoint=checkpoint, prompt=prompt, length=length, temperature=temperature, top_k=top_k,
+                             top_p=top_p, num_samples=num_samples, greedy=greedy, beam_width=beam_width, seed=seed)
+    except ValidationError as exc:
+        typer.echo(f"error: {format_errors(exc, 'options')}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        path, texts = sample(cfg, data_root())
+    except Exception as exc:
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(texts, ensure_ascii=False, indent=1))
+        return
+    typer.echo(f"# {len(texts)} sample(s) from {path}")
+    for i, text in enumerate(texts, 1):
+        typer.echo(f"--- sample {i}\n{text}")
 
 
 @app.command("config")

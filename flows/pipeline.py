@@ -22,7 +22,10 @@ from flows.config import PipelineConfig
 from flows.ingest_simpsons import ingest_simpsons
 from flows.ingest_wikipedia import ingest_wikipedia
 from flows.naming import run_namer
+from flows.finetune import finetune
 from flows.prepare import prepare
+from flows.pretrain import pretrain
+from flows.report import report
 from model.store import StageRef, check_writable, data_root
 
 
@@ -41,4 +44,8 @@ def homer_pipeline(config: PipelineConfig = PipelineConfig(), data_dir: str | No
         simpsons = _in_thread(pool, ingest_simpsons, config.simpsons, str(root))
         refs = {"ingest-wikipedia": wikipedia.result(), "ingest-simpsons": simpsons.result()}
     refs["prepare"] = prepare(config.prepare, refs["ingest-wikipedia"], refs["ingest-simpsons"], str(root))
+    refs["pretrain"] = pretrain(config.pretrain, refs["prepare"], str(root))
+    start = refs["pretrain"] if not config.finetune.init_from else None  # None: finetune resolves init_from itself
+    refs["finetune"] = finetune(config.finetune, refs["prepare"], start, str(root))
+    refs["report"] = report(config.report, refs["prepare"], refs["pretrain"], refs["finetune"], str(root))
     return refs

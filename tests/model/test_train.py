@@ -179,12 +179,12 @@ def test_mixed_precision_on_cuda_trains_and_resumes(tmp_path, corpus, tiny_model
 @pytest.mark.slow
 def test_sigkill_and_restart_gives_bit_identical_weights(tmp_path, corpus, tiny_model_config, write_shards):
     vocab = corpus.vocab
-    shards = write_shards(tmp_path / "long", vocab, corpus.text * 150, corpus.text * 5, rows_per_shard=100)
+    shards = write_shards(tmp_path / "long", vocab, corpus.text * 80, corpus.text * 5, rows_per_shard=100)
     vocab.save(tmp_path / "vocab.json")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     def start(out: str) -> subprocess.Popen:
-        sets = ["epochs=4", "batch_size=8", "checkpoint_every_steps=5", "log_every_steps=10", "device=cpu",
+        sets = ["epochs=3", "batch_size=8", "checkpoint_every_steps=7", "log_every_steps=10", "device=cpu",
                 "early_stopping_patience=null", *(f"model.{k}={json.dumps(v)}" for k, v in tiny_model_config.model_dump().items())]
         cmd = [sys.executable, "-m", "model.train", "--shards", str(shards), "--vocab", str(tmp_path / "vocab.json"),
                "--out", str(tmp_path / out), *(a for s in sets for a in ("--set", s))]

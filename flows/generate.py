@@ -1,0 +1,63 @@
+"""The `generate` flow: samples from a checkpoint, written as a markdown artifact.
+
+    homer generate --checkpoint latest --prompt "Marge, " --num-samples 3   # no Prefect needed
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from flows.config import GenerateConfig
+from flows.naming import run_namer
+from model.checkpoint import load_model_from_checkpoint, resolve_checkpoint
+from model.generate import generate
+from model.store import StoreError, data_root, latest, output_dir
+from tasks.common import artifact_key
+
+
+def find_checkpoint(root: Path, checkpoint: str) -> Path:
+    """'latest' (newest finetune, else pretrain), a stage fingerprint, an output or checkpoint directory."""
+    if checkpoint == "latest":
+        for stage in ("finetune", "pretrain"):
+            try:
+                return latest(root, stage).dir / "best"
+            except StoreError:
+                continue
+        raise StoreError(f"no finetune or pretrain output under {root}; train first (homer run) or pass --checkpoint PATH")
+    for stage in ("finetune", "pretrain"):
+        if (candidate := output_dir(root, stage, checkpoint)).is_dir() and "/" not in checkpoint:
+            return candidate / "best"
+    path = Path(checkpoint)
+    if resolve_checkpoint(path) is not None:
+        return path
+    if resolve_checkpoint(path / "best") is not None:
+        return path / "best"
+    raise StoreError(f"--checkpoint {checkpoint}: not 'latest', a training fingerprint under {root}, or a checkpoint directory")
+
+
+def sample(config: GenerateConfig, root: Path) -> tuple[Path, list[str]]:
+    path = find_checkpoint(root, config.checkpoint)
+    model, vocab, _ = load_model_from_checkpoint(path)
+    texts = generate(model, vocab, prompt=config.prompt, length=config.length, num_samples=config.num_samples,
+                     temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, greedy=config.greedy,
+                     beam_width=config.beam_width, seed=config.seed)
+    return path, texts
+
+
+def samples_markdown(path: Path, config: GenerateConfig, texts: list[str]) -> str:
+    head = (f"# Samples from `{path}`\n\nprompt {config.prompt!r}, temperature {config.temperature}, top-k {config.top_k}, "
+            f"top-p {config.top_p}, greedy {config.greedy}, beam {config.beam_width}, seed {config.seed}\n")
+    return head + "".join(f"\n## Sample {i + 1}\n\n```\n{t}\n```\n" for i, t in enumerate(texts))
+
+
+@flow(name="generate", flow_run_name=run_namer("generate", {"checkpoint": "config.checkpoint", "n": "config.num_samples",
+                                                            "t": "config.temperature"}))
+def generate_flow(config: GenerateConfig = GenerateConfig(), data_dir: str | None = None) -> list[str]:
+    """Generate samples from a checkpoint and publish them as a markdown artifact."""
+    path, texts = sample(config, data_root(data_dir))
+    create_markdown_artifact(key=artifact_key("generated", "samples"), markdown=samples_markdown(path, config, texts),
+                             description=f"{len(texts)} samples from {path}")
+    return texts

@@ -1,0 +1,184 @@
+"""Training-stage tasks: pretrain and fine-tune through the one training loop, and report.
+
+A training stage writes in place into `<root>/<stage>/<fingerprint>/` (checkpoints are
+atomic on their own), under an inter-process lock; the output becomes complete, and
+`latest`, only when its manifest is written at the end. Running the task again on an
+incomplete output resumes from `last/`, so a Prefect retry or a re-run continues the
+work instead of starting over. Cancellation (SIGTERM from the worker) saves `last/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+
+from model.checkpoint import read_state
+from model.network import ModelConfig
+from model.shards import read_split
+from model.store import StageRef, check_writable, exclusive, is_complete, manifest_for, output_dir, set_latest, write_manifest, data_root
+from model.train import NonFiniteLossError, TrainCallbacks, TrainConfig, TrainingStopped, train
+from model.vocab import Vocab
+from tasks.common import artifact_key, stage_cache_key, stage_fingerprint
+
+NO_RETRY = (NonFiniteLossError, TrainingStopped)  # retrying these gives the same answer
+
+
+def _retry_unless_final(_task, _run, state) -> bool:
+    try:
+        state.result()
+    except NO_RETRY:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT (a cancelled or stopped run) so training saves last/ and stops."""
+
+    def __init__(self):
+        self.stop = False
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        self.stop = True
+
+    def __exit__(self, *_):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def prefect_callbacks(stage: str, total_steps: int, stop: _StopFlag) -> TrainCallbacks:
+    """Log lines, a progress artifact and an epoch table while training runs."""
+    log = get_run_logger()
+    progress_id = create_progress_artifact(progress=0.0, key=artifact_key(stage, "progress"),
+                                           description=f"{stage}: percent of the step budget done")
+    epochs: list[dict] = []
+
+    def on_log(m: dict) -> None:
+        log.info("step %d epoch %d loss %.4f chars/s %.0f lr %.2e", m["step"], m["epoch"], m["loss"], m["chars_per_s"], m["lr"])
+        update_progress_artifact(progress_id, progress=min(100.0, 100.0 * m["step"] / max(1, total_steps)))
+
+    def on_eval(m: dict) -> None:
+        log.info("validation at step %d: %.4f nats/char, %.4f bits/char%s", m["step"], m["val_loss"], m["val_bpc"],
+                 " (best)" if m.get("improved") else "")
+
+    def on_epoch_end(m: dict) -> None:
+        epochs.append({k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()})
+        create_table_artifact(key=artifact_key(stage, "epochs"), table=epochs, description=f"{stage}: metrics per epoch")
+
+    return TrainCallbacks(on_log=on_log, on_eval=on_eval, on_epoch_end=on_epoch_end, should_stop=lambda: stop.stop)
+
+
+def plan_steps(shards_dir: Path, cfg: TrainConfig) -> int:
+    windows = read_split(shards_dir, "train")[1]["rows"]
+    total = math.ceil(windows / cfg.batch_size) * cfg.epochs
+    return min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: TrainConfig, prepare: StageRef,
+                corpus: str, inputs: dict[str, StageRef], root: str, init_from: Path | None = None) -> StageRef:
+    """Train one stage into its fingerprinted output directory (resuming if it was interrupted)."""
+    root = data_root(root)
+    fp = stage_fingerprint(stage, config, inputs)
+    out = output_dir(root, stage, fp)
+    ref = StageRef(stage=stage, fingerprint=fp, path=str(out))
+    if is_complete(out):
+        set_latest(root, stage, fp)
+        return ref
+    check_writable(root)
+    log = get_run_logger()
+    shards = prepare.dir / "shards" / corpus
+    with exclusive(root, stage, fp):
+        if is_complete(out):  # another run finished it while we waited for the lock
+            set_latest(root, stage, fp)
+            return ref
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / "last").exists():
+            log.info("resuming %s from %s", stage, out / "last")
+        vocab = Vocab.load(prepare.dir / "vocab.json")
+        started = time.monotonic()
+        with _StopFlag() as stop:
+            result = train(model_config=model_config, train_config=train_config, shards_dir=shards, out_dir=out,
+                           vocab=vocab, init_from=init_from,
+                           callbacks=prefect_callbacks(stage, plan_steps(shards, train_config), stop))
+        from model.report import plot_losses  # matplotlib only where it is used
+
+        plot_losses({stage: out / "metrics.jsonl"}, out / "loss.png")
+        metrics = {"best_val_loss": result.best_val_loss, "best_val_bpc": result.best_val_bpc,
+                   "last_val_loss": result.last_val_loss, "train_chars_per_s": round(result.train_chars_per_s, 1)}
+        counts = {"steps": result.steps, "epochs": result.epochs, "stopped_early": result.stopped_early,
+                  "num_parameters": read_state(out / "best")["num_parameters"], "seconds": round(time.monotonic() - started, 2)}
+        manifest = manifest_for(stage, fp, config, inputs, counts, metrics)
+        manifest["history"] = result.history
+        write_manifest(out, manifest)
+        set_latest(root, stage, fp)
+    create_link_artifact(key=artifact_key(stage, "checkpoint"), link=(out / "best").as_uri(), link_text=f"{stage} best/ ({fp})",
+                         description=f"best validation checkpoint of {stage}; last/ is beside it")
+    create_table_artifact(key=artifact_key(stage, "summary"), table=[{"metric": k, "value": v} for k, v in {**counts, **metrics}.items()],
+                          description=f"{stage}: final metrics")
+    return ref
+
+
+@task(name="pretrain", cache_key_fn=stage_cache_key("pretrain"), persist_result=True, retries=1,
+      retry_delay_seconds=2, retry_condition_fn=_retry_unless_final)
+def pretrain_task(config, inputs: dict[str, StageRef], root: str) -> StageRef:
+    return train_stage("pretrain", config=config, model_config=config.model, train_config=config.train,
+                       prepare=inputs["prepare"], corpus="wikipedia", inputs=inputs, root=root)
+
+
+@task(name="finetune", cache_key_fn=stage_cache_key("finetune"), persist_result=True, retries=1,
+      retry_delay_seconds=2, retry_condition_fn=_retry_unless_final)
+def finetune_task(config, inputs: dict[str, StageRef], root: str) -> StageRef:
+    start = inputs["init"]
+    checkpoint = start.dir / "best" if (start.dir / "best").is_dir() else start.dir
+    model_config = ModelConfig.model_validate(read_state(checkpoint)["model_config"])
+    return train_stage("finetune", config=config, model_config=model_config, train_config=config.train,
+                       prepare=inputs["prepare"], corpus="simpsons", inputs=inputs, root=root, init_from=checkpoint)
+
+
+@task(name="report", cache_key_fn=stage_cache_key("report"), persist_result=True)
+def report_task(config, inputs: dict[str, StageRef], root: str) -> StageRef:
+    """Bits per character of both models on both validation splits, samples, loss curves."""
+    from model.checkpoint import load_model_from_checkpoint
+    from model.generate import generate
+    from model.report import bits_per_char, plot_losses, render_report
+    from model.store import staging
+
+    stage, root = "report", data_root(root)
+    fp = stage_fingerprint(stage, config, inputs)
+    out = output_dir(root, stage, fp)
+    if is_complete(out):
+        set_latest(root, stage, fp)
+        return StageRef(stage=stage, fingerprint=fp, path=str(out))
+    prepare = inputs["prepare"]
+    with staging(root, stage, fp) as tmp:
+        scores = []
+        for model_name in ("pretrain", "finetune"):
+            for corpus in ("wikipedia", "simpsons"):
+                score = bits_per_char(inputs[model_name].dir / "best", prepare.dir / "shards" / corpus)
+                scores.append({"model": model_name, "corpus": corpus, **score})
+        model, vocab, _ = load_model_from_checkpoint(inputs["finetune"].dir / "best")
+        samples = {t: generate(model, vocab, prompt=config.prompt, length=config.length, num_samples=config.num_samples,
+                               temperature=t, seed=config.seed) for t in config.temperatures}
+        plot_losses({"pretrain": inputs["pretrain"].dir / "metrics.jsonl", "finetune": inputs["finetune"].dir / "metrics.jsonl"},
+                    tmp / "loss.png")
+        markdown = render_report(scores, samples, config.prompt, "loss.png")
+        (tmp / "report.md").write_text(markdown, encoding="utf-8")
+        (tmp / "samples.json").write_text(json.dumps({str(t): s for t, s in samples.items()}, indent=1, ensure_ascii=False))
+        metrics = {f"{s['model']}_{s['corpus']}_bpc": round(s["bits_per_char"], 4) for s in scores}
+        write_manifest(tmp, manifest_for(stage, fp, config, inputs, {"samples": sum(map(len, samples.values()))}, metrics))
+    return StageRef(stage=stage, fingerprint=fp, path=str(out))
