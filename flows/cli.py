@@ -188,6 +188,19 @@ def generate(
         typer.echo(f"--- sample {i}\n{text}")
 
 
+@app.command()
+def serve(
+    profile: str = ProfileOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+    cron: Optional[str] = typer.Option(None, help="schedule of the full pipeline (default: prefect.yaml's weekly cron)"),
+) -> None:
+    """Serve every deployment from this one process (no work pool needed)."""
+    from flows.serve import serve_all
+
+    serve_all(_config(profile, config, set_), cron=cron)
+
+
 @app.command("config")
 def show_config(profile: str = ProfileOpt, config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, as_json: bool = typer.Option(False, "--json")) -> None:
     """Print the resolved config (defaults < profile < file < --set)."""

@@ -204,7 +204,7 @@ def load_checkpoint(path, model: CharRNN, optimizer: torch.optim.Optimizer | Non
 
 
 def load_model_from_checkpoint(path, device: str | torch.device | None = None) -> tuple[CharRNN, Vocab, dict]:
-    """Build the checkpoint's model from its own config and vocabulary; in eval mode."""
+    """Build the checkpoint's model from its own config and vocabulary, on `device` (default cpu), in eval mode."""
     state = read_state(path)
     vocab = Vocab.load(Path(state["path"]) / "vocab.json")
     check_compatible(state, vocab=vocab)

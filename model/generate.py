@@ -60,7 +60,7 @@ def pick_next(logits: torch.Tensor, *, unk_id: int, temperature: float, top_k: i
     return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
 
 
-def _check_args(length: int, num_samples: int, temperature: float, top_k, top_p, beam_width) -> None:
+def _check_args(vocab_size: int, length: int, num_samples: int, temperature: float, top_k, top_p, beam_width) -> None:
     problems = [msg for bad, msg in [
         (length < 0, f"length must be >= 0, got {length}"),
         (num_samples < 1, f"num_samples must be >= 1, got {num_samples}"),
@@ -68,6 +68,7 @@ def _check_args(length: int, num_samples: int, temperature: float, top_k, top_p,
         (top_k is not None and top_k < 1, f"top_k must be >= 1, got {top_k}"),
         (top_p is not None and not 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"),
         (beam_width is not None and beam_width < num_samples, f"beam_width ({beam_width}) must be >= num_samples ({num_samples})"),
+        (beam_width is not None and beam_width >= vocab_size, f"beam_width ({beam_width}) must be below the vocabulary size ({vocab_size})"),
     ] if bad]
     if problems:
         raise ValueError("; ".join(problems))
@@ -85,7 +86,7 @@ def generate(model: CharRNN, vocab: Vocab, *, prompt: str = "", length: int = 20
     continuations of the beam search, best first (temperature, top_k, top_p ignored).
     With an empty prompt the first character is drawn from the vocabulary's counts.
     """
-    _check_args(length, num_samples, temperature, top_k, top_p, beam_width)
+    _check_args(vocab.size, length, num_samples, temperature, top_k, top_p, beam_width)
     greedy = greedy or temperature == 0
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training

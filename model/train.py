@@ -150,6 +150,9 @@ def read_windows(shards_dir, split: str, vocab: Vocab) -> np.ndarray:
     if meta.get("vocab_fingerprint") != vocab.fingerprint:
         raise ShardError(f"shards {shards_dir} were built with vocabulary {meta.get('vocab_fingerprint')} but the "
                          f"vocabulary given is {vocab.fingerprint}; re-run prepare or pass the shards' vocab.json")
+    if not len(windows):
+        raise ShardError(f"shards {shards_dir}: the {split} split has no windows; the corpus is too small for seq_len "
+                         f"{meta.get('seq_len')}")
     return windows
 
 
@@ -246,7 +249,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, o
           init_from=None, callbacks: TrainCallbacks | None = None) -> TrainResult:
     """Train (or resume, or return the finished run in `out_dir`); see the module docstring."""
     cfg, cbs, out_dir = train_config, callbacks or TrainCallbacks(), Path(out_dir)
-    last_dir, best_dir, metrics_path = out_dir / "last", out_dir / "best", out_dir / "metrics.jsonl"
+    last_dir, metrics_path = out_dir / "last", out_dir / "metrics.jsonl"
     previous = resolve_checkpoint(last_dir)
     if previous is not None:
         saved = read_state(previous)
@@ -389,8 +392,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, o
                 break  # the epoch end below validates and saves
             if out_of_steps():
                 stop = True
-                if m["last_eval_step"] != step:
-                    validate()
+                validate()
                 break
             if cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
                 validate()
@@ -449,15 +451,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         overrides = _parse_overrides(args.set)
-        model_cfg, train_cfg = ModelConfig(**overrides["model"]), TrainConfig(**overrides["train"])
-    except (ValueError, ValidationError) as exc:
+    except ValueError as exc:
         parser.error(str(exc))
+    configs, errors = {}, []
+    for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
+        try:
+            configs[section] = cls(**overrides[section])
+        except ValidationError as exc:
+            errors.append(str(exc))
+    if errors:
+        parser.error("\n".join(errors))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     stop_requested = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: stop_requested.append(signum))
     try:
-        result = train(model_config=model_cfg, train_config=train_cfg, shards_dir=args.shards, out_dir=args.out,
+        result = train(model_config=configs["model"], train_config=configs["train"], shards_dir=args.shards, out_dir=args.out,
                        vocab=Vocab.load(args.vocab), init_from=args.init_from,
                        callbacks=TrainCallbacks(should_stop=lambda: bool(stop_requested)))
     except TrainingStopped as exc:

@@ -9,8 +9,10 @@ work instead of starting over. Cancellation (SIGTERM from the worker) saves `las
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -83,6 +85,54 @@ def prefect_callbacks(stage: str, total_steps: int, stop: _StopFlag) -> TrainCal
     return TrainCallbacks(on_log=on_log, on_eval=on_eval, on_epoch_end=on_epoch_end, should_stop=lambda: stop.stop)
 
 
+GPU_LIMIT = "gpu"
+GPU_LEASE_S = 60
+
+
+def wants_gpu_slot(device: str) -> bool:
+    """Whether a training run takes the `gpu` slot: HOMER_GPU_LIMIT=auto|always|never.
+
+    auto (the default) takes it when the run trains on CUDA and talks to a real Prefect
+    server: an ephemeral server runs no lease reaper, so a killed run's slot would
+    never be freed there, and a CPU run shares no GPU.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    from model.train import resolve_device
+
+    mode = os.environ.get("HOMER_GPU_LIMIT", "auto").lower()
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"HOMER_GPU_LIMIT={mode!r}: expected auto, always or never")
+    if mode != "auto":
+        return mode == "always"
+    return resolve_device(device).type == "cuda" and bool(PREFECT_API_URL.value())
+
+
+@contextlib.contextmanager
+def gpu_slot(device: str):
+    """Hold the one slot of the `gpu` global concurrency limit (created if missing) while training."""
+    if not wants_gpu_slot(device):
+        yield
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=1))
+            except ObjectAlreadyExists:
+                pass  # another run created it first
+    get_run_logger().info("taking the '%s' concurrency slot (waits while another training run holds it)", GPU_LIMIT)
+    # A short lease: the server frees a killed run's slot within about a minute, not five.
+    with concurrency(GPU_LIMIT, occupy=1, lease_duration=GPU_LEASE_S):
+        yield
+
+
 def plan_steps(shards_dir: Path, cfg: TrainConfig) -> int:
     windows = read_split(shards_dir, "train")[1]["rows"]
     total = math.ceil(windows / cfg.batch_size) * cfg.epochs
@@ -111,7 +161,7 @@ def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: 
             log.info("resuming %s from %s", stage, out / "last")
         vocab = Vocab.load(prepare.dir / "vocab.json")
         started = time.monotonic()
-        with _StopFlag() as stop:
+        with _StopFlag() as stop, gpu_slot(train_config.device):
             result = train(model_config=model_config, train_config=train_config, shards_dir=shards, out_dir=out,
                            vocab=vocab, init_from=init_from,
                            callbacks=prefect_callbacks(stage, plan_steps(shards, train_config), stop))
@@ -121,6 +171,7 @@ def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: 
         metrics = {"best_val_loss": result.best_val_loss, "best_val_bpc": result.best_val_bpc,
                    "last_val_loss": result.last_val_loss, "train_chars_per_s": round(result.train_chars_per_s, 1)}
         counts = {"steps": result.steps, "epochs": result.epochs, "stopped_early": result.stopped_early,
+                  "resumed_from_step": result.resumed_from_step,
                   "num_parameters": read_state(out / "best")["num_parameters"], "seconds": round(time.monotonic() - started, 2)}
         manifest = manifest_for(stage, fp, config, inputs, counts, metrics)
         manifest["history"] = result.history

@@ -89,5 +89,5 @@ def test_empty_prompt_and_edge_cases(model, vocab):
     assert [len(t) for t in generate(model, vocab, length=15, num_samples=2)] == [15, 15]
     assert len(generate(model, vocab, length=15, beam_width=2)[0]) == 15
     assert generate(model, vocab, prompt=PROMPT, length=0) == [PROMPT]
-    with pytest.raises(ValueError, match="top_p must be in"):
-        generate(model, vocab, prompt=PROMPT, top_p=0)
+    with pytest.raises(ValueError, match=r"top_p must be in .*; beam_width \(99\) must be below the vocabulary size"):
+        generate(model, vocab, prompt=PROMPT, top_p=0, beam_width=99)

@@ -1,0 +1,153 @@
+"""Training stages and the whole pipeline under Prefect: caching across runs, partial
+recomputation, checkpoint mismatch, generation, and resume after SIGKILL via the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId
+
+from flows.config import load_config
+from model.checkpoint import CheckpointError, load_model_from_checkpoint
+from model.store import latest, read_manifest
+
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
+
+TINY = [
+    "pretrain.model.embedding_dim=16", "pretrain.model.hidden_sizes=[32]", "pretrain.model.dropout=0.0",
+    "pretrain.train.max_steps=6", "pretrain.train.batch_size=16", "pretrain.train.checkpoint_every_steps=3",
+    "pretrain.train.log_every_steps=2", "pretrain.train.max_val_windows=32",
+    "finetune.train.max_steps=4", "finetune.train.batch_size=8", "finetune.train.log_every_steps=2",
+    "finetune.train.max_val_windows=16", "finetune.train.learning_rate=0.001",
+    "report.length=20", "report.num_samples=1", "report.temperatures=[0.5, 1.0]",
+]
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    """Task name -> state name for every task run under a pipeline run and its subflows."""
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[r.id for r in children])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs if r.state and r.name.split("-")[0] in
+            ("ingest", "prepare", "pretrain", "finetune", "report")}
+
+
+def manifest_mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.glob("*/*/manifest.json")}
+
+
+def test_pipeline_reuses_everything_and_recomputes_only_downstream(data_dir):
+    from flows.pipeline import homer_pipeline
+
+    cfg = load_config("sample", None, TINY)
+    state = homer_pipeline(cfg, return_state=True)
+    refs = state.result()
+    assert set(refs) == {"ingest-wikipedia", "ingest-simpsons", "prepare", "pretrain", "finetune", "report"}
+    report = (refs["report"].dir / "report.md").read_text()
+    assert "bits/char" in report and "temperature 0.5" in report and (refs["report"].dir / "loss.png").stat().st_size > 1000
+    first_states = task_states(state.state_details.flow_run_id)
+    assert first_states and "Cached" not in first_states.values()
+    before = manifest_mtimes(data_dir)
+
+    again = homer_pipeline(cfg, return_state=True)
+    assert again.result() == refs
+    states = task_states(again.state_details.flow_run_id)
+    assert set(states) == {"ingest-wikipedia", "ingest-simpsons", "prepare", "pretrain", "finetune", "report"}
+    assert set(states.values()) == {"Cached"}, states
+    assert manifest_mtimes(data_dir) == before  # outputs untouched
+
+    changed = homer_pipeline(load_config("sample", None, TINY + ["prepare.seq_len=50"]))
+    for stage in ("ingest-wikipedia", "ingest-simpsons"):
+        assert changed[stage] == refs[stage]
+    for stage in ("prepare", "pretrain", "finetune", "report"):
+        assert changed[stage].fingerprint != refs[stage].fingerprint
+        assert latest(data_dir, stage) == changed[stage]
+    shards = read_manifest(changed["pretrain"].dir)["inputs"]["prepare"]["fingerprint"]
+    assert shards == changed["prepare"].fingerprint
+
+
+def test_finetune_rejects_a_checkpoint_with_another_vocabulary(data_dir):
+    from flows.finetune import finetune
+    from flows.pipeline import homer_pipeline
+
+    refs = homer_pipeline(load_config("sample", None, TINY))
+    from flows.prepare import prepare
+
+    other = prepare(load_config("sample", None, ["prepare.min_count=40"]).prepare)  # fewer characters
+    with pytest.raises(CheckpointError, match="vocabulary"):
+        finetune(load_config("sample", None, TINY).finetune, other, refs["pretrain"])
+    assert not list((data_dir / "finetune").glob(f"*/manifest.json")) or latest(data_dir, "finetune") == refs["finetune"]
+
+
+def test_generate_flow_and_cli(data_dir):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.config import GenerateConfig
+    from flows.generate import generate_flow
+    from flows.pipeline import homer_pipeline
+
+    refs = homer_pipeline(load_config("sample", None, TINY))
+    texts = generate_flow(GenerateConfig(prompt="Mmm", length=15, num_samples=4, seed=3))
+    assert len(texts) == 4 and all(t.startswith("Mmm") and len(t) == 18 for t in texts)
+    with get_client(sync_client=True) as client:
+        artifact = client.read_latest_artifacts()
+    keys = {a.key for a in artifact}
+    assert "homer-generated-samples" in keys and "homer-pretrain-checkpoint" in keys and "homer-report" in keys
+
+    result = CliRunner().invoke(app, ["generate", "--checkpoint", "latest", "--prompt", "D'oh", "--length", "12",
+                                      "--num-samples", "3", "--top-k", "5", "--seed", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    samples = json.loads(result.output)
+    assert len(samples) == 3 and all(s.startswith("D'oh") for s in samples)
+    by_path = CliRunner().invoke(app, ["generate", "--checkpoint", str(refs["pretrain"].dir / "best"), "--greedy",
+                                       "--length", "5", "-n", "2", "--json"])
+    assert by_path.exit_code == 0 and len(set(json.loads(by_path.output))) == 1  # greedy: identical samples
+    bad = CliRunner().invoke(app, ["generate", "--checkpoint", "/nonexistent", "-n", "1"])
+    assert bad.exit_code == 1 and "/nonexistent" in bad.output
+
+
+def test_cli_stage_pretrain_killed_and_started_again_resumes(tmp_path, data_dir):
+    """`homer stage pretrain` in a real process, SIGKILLed mid-run, then run again."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.pipeline import homer_pipeline
+
+    sets = TINY[:3] + ["pretrain.train.max_steps=400", "pretrain.train.checkpoint_every_steps=5",
+                       "pretrain.train.log_every_steps=5", "pretrain.train.batch_size=8"]
+    homer_pipeline(load_config("sample", None, TINY))  # data stages (and a first, different pretrain)
+    env = dict(os.environ, HOMER_DATA_DIR=str(data_dir), PREFECT_API_URL=PREFECT_API_URL.value())
+    cmd = [sys.executable, "-m", "flows.cli", "stage", "pretrain", "--profile", "sample"] + [a for s in sets for a in ("--set", s)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        states = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            states = [json.loads(p.read_text())["step"] for p in data_dir.glob("pretrain/*/last/state.json")
+                      if not (p.parent.parent / "manifest.json").exists()]
+            if states and max(states) >= 10:
+                break
+            time.sleep(0.2)
+        assert states and proc.poll() is None, "training never wrote last/ mid-run"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    out = [p.parent.parent for p in data_dir.glob("pretrain/*/last/state.json") if not (p.parent.parent / "manifest.json").exists()][0]
+    killed_at = json.loads((out / "last" / "state.json").read_text())["step"]
+    load_model_from_checkpoint(out / "last")  # the checkpoint left behind loads
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    manifest = read_manifest(out)
+    assert manifest["counts"]["resumed_from_step"] == killed_at and manifest["counts"]["steps"] == 400
+    assert str(out) in again.stdout
