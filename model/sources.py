@@ -248,8 +248,12 @@ def download_simpsons(cfg: SimpsonsConfig) -> Path:
 
 
 def normalise_line(text: str) -> tuple[str, bool]:
-    """Repair mis-encoded sequences (e.g. 'â€¦' for '…') and collapse whitespace."""
-    fixed = ftfy.fix_encoding(text)
+    """Repair mis-encoded sequences (e.g. 'â€¦' for '…') and collapse whitespace.
+
+    A bare 'â€' is left when the closing quote '”' (E2 80 9D) went through cp1252,
+    which has no character for 9D; ftfy cannot see it, so it is mapped here.
+    """
+    fixed = ftfy.fix_encoding(text).replace("â€", "”")
     return " ".join(fixed.split()), fixed != text
 
 

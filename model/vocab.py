@@ -23,6 +23,7 @@ import numpy as np
 
 UNK_TOKEN = "\ufffd"  # shown as the replacement character when decoded
 UINT16_LIMIT = 2**16  # ids are stored as uint16 in the shards
+UNICODE_SIZE = 0x110000  # code points; the lookup table is 2.2 MB
 
 
 class VocabularyError(ValueError):
@@ -46,8 +47,7 @@ class Vocab:
             )
         if len(set(self.chars)) != len(self.chars) or any(len(c) != 1 for c in self.chars):
             raise VocabularyError("vocabulary characters must be distinct single characters")
-        top = max((ord(c) for c in self.chars), default=0)
-        lookup = np.zeros(top + 1, dtype=np.uint16)
+        lookup = np.zeros(UNICODE_SIZE, dtype=np.uint16)  # every code point, so encoding needs no range check
         for i, c in enumerate(self.chars, start=1):
             lookup[ord(c)] = i
         object.__setattr__(self, "_lookup", lookup)
@@ -67,10 +67,7 @@ class Vocab:
         if not text:
             return np.zeros(0, dtype=np.uint16)
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # (T,)
-        inside = codes < len(self._lookup)
-        ids = np.zeros(codes.shape, dtype=np.uint16)
-        ids[inside] = self._lookup[codes[inside]]
-        return ids
+        return self._lookup.take(codes)
 
     def decode(self, ids) -> str:
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)

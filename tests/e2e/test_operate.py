@@ -5,7 +5,7 @@ repository's prefect.yaml deployed as it is with `prefect deploy --all`, and a
 `prefect worker`. Runs are created through the API with the sample parameters (the
 sample profile's sections; tiny training settings), as an operator would fill the run
 form. The tests build on each other in file order: ingest -> prepare -> pretrain (alone,
-on what prepare wrote) -> the run's page in Chromium -> cancel -> kill the worker.
+on what prepare wrote) -> the run's page in Chromium -> cancel -> kill the worker -> `homer serve`.
 """
 
 from __future__ import annotations
@@ -40,10 +40,18 @@ def pretrain_parameters(**train) -> dict:
     return {"config": {"model": TINY_MODEL, "train": settings}}
 
 
-@pytest.fixture(scope="module")
-def seen() -> dict:
+class Seen(dict):
     """What earlier tests produced (run ids, fingerprints) for the later ones."""
-    return {}
+
+    def need(self, key: str):
+        if key not in self:
+            pytest.skip(f"needs {key!r} from an earlier test in this module; run the whole module")
+        return self[key]
+
+
+@pytest.fixture(scope="module")
+def seen() -> Seen:
+    return Seen()
 
 
 def keys_of(artifacts: list[dict]) -> set[str]:
@@ -166,7 +174,7 @@ def test_prepare_runs_on_the_worker_and_publishes_artifacts(stack, seen):
 def test_pretrain_alone_trains_on_the_shards_prepare_just_wrote(stack, seen):
     from model.checkpoint import load_model_from_checkpoint
 
-    prepare: StageRef = seen["prepare"]
+    prepare: StageRef = seen.need("prepare")
     parameters = pretrain_parameters()
     run_id = stack.trigger("pretrain/pretrain", parameters)  # no `prepare` given
     run = stack.wait_final(run_id, timeout=150)
@@ -194,7 +202,7 @@ def test_flow_run_page_shows_name_state_and_artifact_keys(stack, seen, browser, 
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    run, keys = seen["pretrain_run"], seen["pretrain_artifacts"]
+    run, keys = seen.need("pretrain_run"), seen.need("pretrain_artifacts")
     browser.get(f"{stack.ui_url}/runs/flow-run/{run['id']}")
     wait = WebDriverWait(browser, 60)
 
@@ -226,7 +234,7 @@ def test_cancelling_a_run_stops_training_within_seconds_and_keeps_last_loadable(
     from model.checkpoint import load_model_from_checkpoint
 
     parameters = pretrain_parameters(epochs=1000, max_steps=1_000_000)  # would run for hours
-    out = expected_pretrain_dir(stack, parameters, seen["prepare"])
+    out = expected_pretrain_dir(stack, parameters, seen.need("prepare"))
     run_id = stack.trigger("pretrain/pretrain", parameters)
     wait_until(f"{out}/last/state.json (training under way)", lambda: training_step(out) >= 5, timeout=120,
                interval=0.3, detail=lambda: stack.describe(run_id))
@@ -259,7 +267,7 @@ def test_a_worker_killed_mid_run_corrupts_nothing_and_the_rerun_resumes(stack, s
     from model.checkpoint import load_model_from_checkpoint
 
     parameters = pretrain_parameters(epochs=10, max_steps=100)
-    out = expected_pretrain_dir(stack, parameters, seen["prepare"])
+    out = expected_pretrain_dir(stack, parameters, seen.need("prepare"))
     latest_before = latest(stack.data_dir, "pretrain").fingerprint
     run_id = stack.trigger("pretrain/pretrain", parameters)
     wait_until(f"{out}/last/state.json at step >= 10", lambda: training_step(out) >= 10, timeout=120,

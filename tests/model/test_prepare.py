@@ -24,12 +24,13 @@ from model.vocab import build_vocab
 def test_windows_cover_each_document_and_skip_short_ones():
     ids = np.arange(30, dtype=np.uint16)
     lengths = np.array([12, 3, 15])  # doc 2 starts at 15
-    w = windows_of(ids, lengths, seq_len=5)
+    w, doc_of = windows_of(ids, lengths, seq_len=5)
+    assert doc_of.tolist() == [0, 0, 0, 2, 2, 2]
     assert w.shape == (3 + 3, 6)
     assert w[0].tolist() == [0, 1, 2, 3, 4, 5] and w[1].tolist() == [5, 6, 7, 8, 9, 10]
     assert w[2].tolist() == [6, 7, 8, 9, 10, 11]  # aligned to the end of the 12-char document
     assert w[3].tolist() == [15, 16, 17, 18, 19, 20] and w[5].tolist() == [24, 25, 26, 27, 28, 29]
-    assert windows_of(ids, np.array([3, 4]), seq_len=5).shape == (0, 6)
+    assert windows_of(ids, np.array([3, 4]), seq_len=5)[0].shape == (0, 6)
 
 
 def test_group_lines():

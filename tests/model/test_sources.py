@@ -36,6 +36,7 @@ def test_csv_quirks_keep_only_the_characters_lines_with_words(small_csv):
 def test_normalise_line_repairs_mojibake_and_whitespace():
     assert normalise_line("  Woo-hoo!â€¦\t now ") == ("Woo-hoo!… now", True)
     assert normalise_line("D'oh!") == ("D'oh!", False)
+    assert normalise_line("I call it â€œFrothyâ€.") == ("I call it “Frothy”.", True)
 
 
 def test_csv_missing_columns_lists_found_and_expected(tmp_path):

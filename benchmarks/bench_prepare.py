@@ -1,0 +1,157 @@
+"""Benchmark: corpus-to-shards throughput of the prepare stage, on one core.
+
+Measures, side by side in one run:
+  - `write_shards` (vectorised numpy encoding) in MB of text per second,
+  - the same pipeline with a naive per-character Python loop for the encoding,
+  - peak resident memory of `write_shards` at 1x and 10x the corpus size (each in a
+    fresh subprocess), which should stay flat because shards are written one at a time.
+
+    python benchmarks/bench_prepare.py [--mb 8] [--naive-mb 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+
+pa.set_cpu_count(1)
+pa.set_io_thread_count(1)
+
+from model import prepare as prep  # noqa: E402
+from model.prepare import PrepareConfig, corpus_char_counts, write_corpus, write_shards  # noqa: E402
+from model.sources import SAMPLE_WIKIPEDIA  # noqa: E402
+from model.vocab import build_vocab  # noqa: E402
+
+
+def make_corpus(path: Path, megabytes: float) -> int:
+    """A corpus of the sample articles repeated (distinct ids) up to `megabytes` of text."""
+    texts = [json.loads(line)["text"] for line in SAMPLE_WIKIPEDIA.read_text(encoding="utf-8").splitlines()]
+    target = int(megabytes * 1e6)
+
+    def docs():
+        total, i = 0, 0
+        while total < target:
+            text = texts[i % len(texts)]
+            yield f"doc-{i:08d}", text
+            total += len(text.encode("utf-8"))
+            i += 1
+
+    return write_corpus(docs(), path)["chars"]
+
+
+def naive_python_shards(corpus: Path, vocab, out: Path, seq_len: int = 100) -> None:
+    """The naive baseline: one Python step per character and per window, then Parquet."""
+    table = {c: i for i, c in enumerate(vocab.chars, start=1)}
+    rows = []
+    for _, texts in prep.iter_corpus(corpus):
+        for text in texts:
+            ids = [table.get(ch, 0) for ch in text]
+            for start in range(0, len(ids) - seq_len, seq_len):
+                rows.append(ids[start:start + seq_len + 1])
+    column = pa.array(rows, type=pa.list_(pa.uint16(), seq_len + 1))
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"ids": column}), out / "train-00000-of-00001.parquet", compression="zstd")
+
+
+def time_naive_python(corpus: Path) -> float:
+    vocab = build_vocab(corpus_char_counts(corpus))
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        naive_python_shards(corpus, vocab, Path(out))
+        return time.perf_counter() - started
+
+
+def time_encode(corpus: Path, naive: bool) -> float:
+    """The encoding step alone: numpy lookup table against a per-character loop."""
+    vocab = build_vocab(corpus_char_counts(corpus))
+    batches = [texts for _, texts in prep.iter_corpus(corpus)]
+    started = time.perf_counter()
+    for texts in batches:
+        (naive_encode_batch if naive else prep.encode_batch)(vocab, texts)
+    return time.perf_counter() - started
+
+
+def naive_encode_batch(vocab, texts):
+    table = {c: i for i, c in enumerate(vocab.chars, start=1)}
+    ids = np.array([table.get(ch, 0) for text in texts for ch in text], dtype=np.uint16)  # one Python step per character
+    return ids, np.array([len(t) for t in texts], dtype=np.int64)
+
+
+def run_once(corpus: Path, naive: bool) -> tuple[float, int]:
+    vocab = build_vocab(corpus_char_counts(corpus))
+    original = prep.encode_batch
+    if naive:
+        prep.encode_batch = naive_encode_batch
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            started = time.perf_counter()
+            write_shards(corpus, vocab, Path(out), "bench", PrepareConfig(rows_per_shard=20_000))
+            return time.perf_counter() - started, sum(len(t.encode()) for _, texts in prep.iter_corpus(corpus) for t in texts)
+    finally:
+        prep.encode_batch = original
+
+
+def peak_rss_child(megabytes: float) -> tuple[float, float]:
+    """(peak RSS in MB, MB/s) of write_shards on a fresh corpus, in its own process."""
+    code = (
+        "import resource, sys, tempfile; from pathlib import Path; sys.path.insert(0, %r);"
+        "import benchmarks.bench_prepare as b; d = Path(tempfile.mkdtemp()); c = d / 'c.parquet';"
+        "b.make_corpus(c, %r); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "s, n = b.run_once(c, False); peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "print(peak / 1024, n / 1e6 / s)"
+    ) % (str(Path(__file__).resolve().parent.parent), megabytes)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    peak, speed = map(float, out.stdout.split())
+    return peak, speed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mb", type=float, default=8.0, help="corpus size for the throughput rows (and 10x for memory)")
+    parser.add_argument("--naive-mb", type=float, default=2.0, help="corpus size for the naive loop (it is slow)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        big, small = Path(tmp) / "big.parquet", Path(tmp) / "small.parquet"
+        make_corpus(big, args.mb)
+        make_corpus(small, args.naive_mb)
+        small_mb = sum(len(t.encode()) for _, texts in prep.iter_corpus(small) for t in texts) / 1e6
+        rows = []
+        for name, corpus, naive in (("write_shards, vectorised", big, False), ("write_shards, vectorised", small, False),
+                                    ("write_shards with a per-character encode loop", small, True)):
+            best = min(run_once(corpus, naive) for _ in range(3))
+            rows.append((name, best[1] / 1e6, best[1] / 1e6 / best[0]))
+        rows.append(("naive Python: per-character encode and per-window lists", small_mb,
+                     small_mb / min(time_naive_python(small) for _ in range(2))))
+        encode = [("encode only, numpy lookup table", small_mb, small_mb / min(time_encode(small, False) for _ in range(3))),
+                  ("encode only, per-character loop", small_mb, small_mb / min(time_encode(small, True) for _ in range(3)))]
+    base = rows[1][2]
+    print("## corpus -> shards, one core (seq_len 100, zstd), best of 3\n")
+    print("| path | text MB | MB/s | vectorised vs this |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, mb, mbps in rows:
+        print(f"| {name} | {mb:.1f} | {mbps:.1f} | {base / mbps:.1f}x |")
+    for name, mb, mbps in encode:
+        print(f"| {name} | {mb:.1f} | {mbps:.1f} | {encode[0][2] / mbps:.1f}x |")
+    print("\n## peak memory of write_shards (fresh process each)\n")
+    print("| text MB | peak RSS MB | MB/s |")
+    print("| ---: | ---: | ---: |")
+    for mb in (args.mb, args.mb * 10):
+        peak, mbps = peak_rss_child(mb)
+        print(f"| {mb:.0f} | {peak:.0f} | {mbps:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
