@@ -179,3 +179,23 @@ def test_unwritable_root_is_named(tmp_path, monkeypatch, small_csv):
     monkeypatch.setenv("HOMER_DATA_DIR", str(blocker / "data"))
     with pytest.raises(StoreError, match="HOMER_DATA_DIR"):
         ingest_simpsons(SimpsonsConfig(source="local", path=str(small_csv)))
+
+
+def test_cli_stage_ingest_simpsons_and_prepare_print_a_summary(data_dir, small_csv):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["stage", "ingest-simpsons", "--set", "simpsons.source=local", "--set", f"simpsons.path={small_csv}"])
+    assert result.exit_code == 0, result.output
+    ref = latest(data_dir, "ingest-simpsons")
+    assert ref.path in result.output and "kept: 3" in result.output and "dropped_no_words: 1" in result.output
+    assert [x["text"] for x in pq.read_table(ref.dir / "lines.parquet").to_pylist()][0].startswith("Marge, I said")
+
+    bad = runner.invoke(app, ["stage", "prepare", "--set", "prepare.seq_len=0", "--set", "prepare.val_fraction=2"])
+    assert bad.exit_code == 2 and "prepare.seq_len" in bad.output and "prepare.val_fraction" in bad.output
+    missing = runner.invoke(app, ["stage", "prepare"])
+    assert missing.exit_code == 1 and "ingest-wikipedia" in missing.output
+    unknown = runner.invoke(app, ["stage", "train-everything"])
+    assert unknown.exit_code == 2 and "unknown stage" in unknown.output
