@@ -38,7 +38,14 @@ def resolve_start(root: Path, init_from: str | None) -> StageRef:
                                                             "from": "config.init_from"}))
 def finetune(config: FinetuneConfig = FinetuneConfig(), prepare: StageRef | str | None = None,
              pretrain: StageRef | str | None = None, data_dir: str | None = None) -> StageRef:
-    """Fine-tune a pretrained checkpoint on the character's lines at a low learning rate."""
+    """Fine-tune a pretrained checkpoint on the character's lines at a low learning rate.
+
+    Args:
+        config: the starting checkpoint and the training loop (fresh optimizer)
+        prepare: prepare output (fingerprint or directory); empty = the latest
+        pretrain: pretrain output (fingerprint or directory); empty = config.init_from, else the latest
+        data_dir: artifact root (default: $HOMER_DATA_DIR or ./data)
+    """
     root = data_root(data_dir)
     start = pretrain if isinstance(pretrain, StageRef) else resolve_start(root, pretrain or config.init_from)
     inputs = {"prepare": resolve(root, "prepare", prepare), "init": start}

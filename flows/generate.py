@@ -56,7 +56,12 @@ def samples_markdown(path: Path, config: GenerateConfig, texts: list[str]) -> st
 @flow(name="generate", flow_run_name=run_namer("generate", {"checkpoint": "config.checkpoint", "n": "config.num_samples",
                                                             "t": "config.temperature"}))
 def generate_flow(config: GenerateConfig = GenerateConfig(), data_dir: str | None = None) -> list[str]:
-    """Generate samples from a checkpoint and publish them as a markdown artifact."""
+    """Generate samples from a checkpoint and publish them as a markdown artifact.
+
+    Args:
+        config: the checkpoint, the prompt and the sampling settings
+        data_dir: artifact root (default: $HOMER_DATA_DIR or ./data)
+    """
     path, texts = sample(config, data_root(data_dir))
     create_markdown_artifact(key=artifact_key("generated", "samples"), markdown=samples_markdown(path, config, texts),
                              description=f"{len(texts)} samples from {path}")

@@ -17,7 +17,12 @@ from tasks.data import ingest_simpsons_task
 
 @flow(name="ingest-simpsons", flow_run_name=run_namer("ingest-simpsons", {"source": "config.source", "character": "config.character"}))
 def ingest_simpsons(config: SimpsonsConfig = SimpsonsConfig(), data_dir: str | None = None) -> StageRef:
-    """Filter the dialogue CSV to the configured character's lines, repaired and normalised."""
+    """Filter the dialogue CSV to the configured character's lines, repaired and normalised.
+
+    Args:
+        config: where the dialogue CSV comes from and whose lines to keep
+        data_dir: artifact root (default: $HOMER_DATA_DIR or ./data)
+    """
     ref = run_stage_task(ingest_simpsons_task, "ingest-simpsons", config, None, str(data_root(data_dir)))
     publish_counts("ingest-simpsons", ref, flatten(ref.manifest()["counts"]), "rows read, kept and dropped (with reasons)")
     return ref

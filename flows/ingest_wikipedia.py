@@ -17,7 +17,12 @@ from tasks.data import ingest_wikipedia_task
 
 @flow(name="ingest-wikipedia", flow_run_name=run_namer("ingest-wikipedia", {"source": "config.source", "max": "config.max_articles"}))
 def ingest_wikipedia(config: WikipediaConfig = WikipediaConfig(), data_dir: str | None = None) -> StageRef:
-    """Read Wikipedia articles (hub, local file or the bundled sample) into the artifact store."""
+    """Read Wikipedia articles (hub, local file or the bundled sample) into the artifact store.
+
+    Args:
+        config: where the articles come from and how many to take
+        data_dir: artifact root (default: $HOMER_DATA_DIR or ./data)
+    """
     ref = run_stage_task(ingest_wikipedia_task, "ingest-wikipedia", config, None, str(data_root(data_dir)))
     publish_counts("ingest-wikipedia", ref, flatten(ref.manifest()["counts"]), "articles read, kept and dropped")
     return ref

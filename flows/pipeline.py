@@ -36,7 +36,12 @@ def _in_thread(pool: ThreadPoolExecutor, fn, *args):
 
 @flow(name="homer-pipeline", flow_run_name=run_namer("homer-pipeline", {"profile": "config.profile", "seq_len": "config.prepare.seq_len"}))
 def homer_pipeline(config: PipelineConfig = PipelineConfig(), data_dir: str | None = None) -> dict[str, StageRef]:
-    """Run the whole pipeline: ingest, prepare, pretrain, fine-tune, report."""
+    """Run the whole pipeline: ingest, prepare, pretrain, fine-tune, report.
+
+    Args:
+        config: every stage's settings (defaults: the published recipe)
+        data_dir: artifact root (default: $HOMER_DATA_DIR or ./data)
+    """
     root = data_root(data_dir)
     check_writable(root)
     with ThreadPoolExecutor(max_workers=2) as pool:

@@ -24,7 +24,14 @@ def prepare(
     simpsons: StageRef | str | None = None,
     data_dir: str | None = None,
 ) -> StageRef:
-    """Build corpora, the character vocabulary and train/val shards from the ingested data."""
+    """Build corpora, the character vocabulary and train/val shards from the ingested data.
+
+    Args:
+        config: sequence length, validation split, vocabulary and shard settings
+        wikipedia: ingest-wikipedia output (fingerprint or directory); empty = the latest
+        simpsons: ingest-simpsons output (fingerprint or directory); empty = the latest
+        data_dir: artifact root (default: $HOMER_DATA_DIR or ./data)
+    """
     root = data_root(data_dir)
     inputs = {"wikipedia": resolve(root, "ingest-wikipedia", wikipedia), "simpsons": resolve(root, "ingest-simpsons", simpsons)}
     ref = run_stage_task(prepare_task, "prepare", config, inputs, str(root))

@@ -22,7 +22,15 @@ from tasks.train import report_task
 @flow(name="report", flow_run_name=run_namer("report", {"temperatures": "config.temperatures"}))
 def report(config: ReportConfig = ReportConfig(), prepare: StageRef | str | None = None, pretrain: StageRef | str | None = None,
            finetune: StageRef | str | None = None, data_dir: str | None = None) -> StageRef:
-    """Evaluate both checkpoints on held-out text and sample from the fine-tuned one."""
+    """Evaluate both checkpoints on held-out text and sample from the fine-tuned one.
+
+    Args:
+        config: sampling settings of the report
+        prepare: prepare output (fingerprint or directory); empty = the latest
+        pretrain: pretrain output (fingerprint or directory); empty = the latest
+        finetune: finetune output (fingerprint or directory); empty = the latest
+        data_dir: artifact root (default: $HOMER_DATA_DIR or ./data)
+    """
     root = data_root(data_dir)
     inputs = {"prepare": resolve(root, "prepare", prepare), "pretrain": resolve(root, "pretrain", pretrain),
               "finetune": resolve(root, "finetune", finetune)}

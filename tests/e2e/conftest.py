@@ -132,6 +132,7 @@ class Stack:
             "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
             "PREFECT_CLI_PROMPT": "false",
             "HOMER_DATA_DIR": str(self.data_dir),
+            "HOMER_GPU_LIMIT": "always",  # exercise the gpu slot on this CPU machine too
             "HF_HUB_OFFLINE": "1",  # the sample sources never need the network
             "PYTHONUNBUFFERED": "1",
         })

@@ -290,7 +290,7 @@ def test_a_worker_killed_mid_run_corrupts_nothing_and_the_rerun_resumes(stack, s
     load_model_from_checkpoint(out / "last")
 
     # what an operator (or a zombie-run automation) does: mark the orphan Crashed, and free the
-    # gpu slot the killed process held (its lease would only expire after up to 5 minutes)
+    # gpu slot the killed process held (its 60 s lease would expire a minute later)
     stack.client.set_flow_run_state(run_id, Crashed(message="worker killed (test)"), force=True)
     held = stack.rest("GET", "/v2/concurrency_limits/gpu")["active_slots"]
     print(f"gpu slots still held after the kill: {held}")
