@@ -68,7 +68,7 @@ def summarise(refs: dict[str, StageRef], seconds: float) -> str:
     return "\n".join(lines)
 
 
-def _run(fn, refs_of, *args) -> None:
+def _run(fn, refs_of, *args):
     started = time.monotonic()
     try:
         result = fn(*args)
@@ -76,6 +76,7 @@ def _run(fn, refs_of, *args) -> None:
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(summarise(refs_of(result), time.monotonic() - started))
+    return result
 
 
 def _apply_data_dir(data_dir: Optional[Path]) -> None:
@@ -90,8 +91,8 @@ def run(profile: str = ProfileOpt, config: Optional[Path] = ConfigOpt, set_: Opt
 
     cfg = _config(profile, config, set_)
     _apply_data_dir(data_dir)
-    _run(homer_pipeline, lambda refs: refs, cfg, str(data_root()))
-    samples = json.loads((read_manifest_dir("report") / "samples.json").read_text(encoding="utf-8"))
+    refs = _run(homer_pipeline, lambda refs: refs, cfg, str(data_root()))
+    samples = json.loads((refs["report"].dir / "samples.json").read_text(encoding="utf-8"))
     typer.echo(f"\ngenerated lines (prompt {cfg.report.prompt!r}):")
     for temperature, texts in samples.items():
         for text in texts:
@@ -99,6 +100,27 @@ def run(profile: str = ProfileOpt, config: Optional[Path] = ConfigOpt, set_: Opt
 
 
 STAGES = ("ingest-wikipedia", "ingest-simpsons", "prepare", "pretrain", "finetune", "report")
+UPSTREAM = {  # the inputs each stage takes with --input
+    "ingest-wikipedia": (), "ingest-simpsons": (), "prepare": ("ingest-wikipedia", "ingest-simpsons"),
+    "pretrain": ("prepare",), "finetune": ("prepare", "pretrain"), "report": ("prepare", "pretrain", "finetune"),
+}
+
+
+def _inputs(stage: str, items: List[str]) -> dict[str, str]:
+    """--input STAGE=FINGERPRINT|PATH items, checked against what the stage takes."""
+    given, problems = {}, []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not value:
+            problems.append(f"--input {item!r}: expected STAGE=FINGERPRINT|PATH")
+        elif key not in UPSTREAM[stage]:
+            problems.append(f"--input {item!r}: {stage} takes {', '.join(UPSTREAM[stage]) or 'no inputs'}")
+        else:
+            given[key] = value
+    if problems:
+        typer.echo("error: " + "\n  ".join(problems), err=True)
+        raise typer.Exit(2)
+    return given
 
 
 @app.command()
@@ -117,7 +139,7 @@ def stage(
     cfg = _config(profile, config, set_)
     _apply_data_dir(data_dir)
     root = str(data_root())
-    given = dict(item.split("=", 1) for item in (input_ or []) if "=" in item)
+    given = _inputs(name, input_ or [])
     if name == "ingest-wikipedia":
         from flows.ingest_wikipedia import ingest_wikipedia as fn
         args = (cfg.wikipedia, root)
@@ -136,15 +158,9 @@ def stage(
     else:
         from flows.report import report as fn
         args = (cfg.report, given.get("prepare"), given.get("pretrain"), given.get("finetune"), root)
-    _run(fn, lambda ref: {name: ref}, *args)
+    ref = _run(fn, lambda ref: {name: ref}, *args)
     if name == "report":
-        typer.echo("\n" + (read_manifest_dir(name) / "report.md").read_text(encoding="utf-8"))
-
-
-def read_manifest_dir(stage: str) -> Path:
-    from model.store import latest
-
-    return latest(data_root(), stage).dir
+        typer.echo("\n" + (ref.dir / "report.md").read_text(encoding="utf-8"))
 
 
 @app.command()

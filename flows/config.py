@@ -59,7 +59,7 @@ class GenerateConfig(BaseModel):
     top_k: int | None = Field(None, ge=1, description="sample from the k most likely characters only")
     top_p: float | None = Field(None, gt=0, le=1, description="sample from the smallest set whose probability reaches p")
     greedy: bool = Field(False, description="always take the most likely character")
-    beam_width: int | None = Field(None, ge=1, description="beam search with this many beams (one sample)")
+    beam_width: int | None = Field(None, ge=1, description="beam search with this many beams; returns the num_samples best beams, best first")
     seed: int = Field(0, description="random seed")
 
 

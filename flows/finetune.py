@@ -22,7 +22,7 @@ from tasks.common import run_stage_task
 from tasks.train import finetune_task
 
 
-def resolve_start(root: Path, init_from: str | None) -> StageRef:
+def resolve_start(root: Path, init_from: str | None, label: str = "finetune.init_from") -> StageRef:
     """A pretrain output (by fingerprint, path or latest), or a bare checkpoint directory."""
     if init_from and resolve_checkpoint(Path(init_from)) is not None:
         path = Path(init_from).absolute()
@@ -31,7 +31,7 @@ def resolve_start(root: Path, init_from: str | None) -> StageRef:
     try:
         return resolve(root, "pretrain", init_from)
     except StoreError as exc:
-        raise StoreError(f"finetune.init_from: {exc}") from None
+        raise StoreError(f"{label}: {exc}") from None
 
 
 @flow(name="finetune", flow_run_name=run_namer("finetune", {"lr": "config.train.learning_rate", "epochs": "config.train.epochs",
@@ -47,6 +47,11 @@ def finetune(config: FinetuneConfig = FinetuneConfig(), prepare: StageRef | str 
         data_dir: artifact root (default: $HOMER_DATA_DIR or ./data)
     """
     root = data_root(data_dir)
-    start = pretrain if isinstance(pretrain, StageRef) else resolve_start(root, pretrain or config.init_from)
+    if isinstance(pretrain, StageRef):
+        start = pretrain
+    elif pretrain:
+        start = resolve_start(root, pretrain, label="pretrain")
+    else:
+        start = resolve_start(root, config.init_from)
     inputs = {"prepare": resolve(root, "prepare", prepare), "init": start}
     return run_stage_task(finetune_task, "finetune", config, inputs, str(root))

@@ -35,8 +35,10 @@ def report(config: ReportConfig = ReportConfig(), prepare: StageRef | str | None
     inputs = {"prepare": resolve(root, "prepare", prepare), "pretrain": resolve(root, "pretrain", pretrain),
               "finetune": resolve(root, "finetune", finetune)}
     ref = run_stage_task(report_task, "report", config, inputs, str(root))
-    create_markdown_artifact(key=artifact_key("report"), markdown=(ref.dir / "report.md").read_text(encoding="utf-8"),
-                             description="held-out bits per character and samples")
+    # The UI cannot show a relative image: the artifact links the PNG in the output directory instead.
+    markdown = (ref.dir / "report.md").read_text(encoding="utf-8").replace(
+        "![loss curves](loss.png)", f"[loss curves (PNG)]({(ref.dir / 'loss.png').as_uri()})")
+    create_markdown_artifact(key=artifact_key("report"), markdown=markdown, description="held-out bits per character and samples")
     metrics = read_manifest(ref.dir)["metrics"]
     create_table_artifact(key=artifact_key("report", "bpc"), table=[{"metric": k, "bits_per_char": v} for k, v in metrics.items()],
                           description="bits per character on the validation splits")

@@ -174,8 +174,8 @@ def write_shards(corpus_path: Path, vocab: Vocab, out_dir: Path, corpus: str, cf
             raise PrepareError(
                 f"{corpus_path}: the {corpus} corpus gives no {split} window: prepare.seq_len={cfg.seq_len} needs documents of "
                 f"at least {cfg.seq_len + 1} characters (the longest has {longest}) in each split "
-                f"({stats[split]['documents']} {split} documents); lower prepare.seq_len, raise prepare.lines_per_doc, "
-                f"or adjust prepare.val_fraction"
+                f"({stats[split]['documents']} {split} documents); lower prepare.seq_len"
+                + (", raise prepare.lines_per_doc" if corpus == "simpsons" else "") + ", or adjust prepare.val_fraction"
             )
     out = {}
     for split, writer in writers.items():

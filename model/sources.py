@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import codecs
 import csv
+import difflib
+import hashlib
 import logging
 import os
 import socket
@@ -49,8 +51,8 @@ class WikipediaConfig(BaseModel):
     max_articles: int = Field(8000, gt=0, description="take the first N articles of the stream")
     shuffle_buffer: int = Field(0, ge=0, description="if > 0, shuffle the stream with a seeded buffer of this size before taking N")
     seed: int = Field(0, description="seed of the shuffle buffer")
-    retries: int = Field(2, ge=0, description="retries on network errors, with exponential backoff")
-    backoff_s: float = Field(1.0, ge=0, description="first retry delay in seconds; doubles each retry")
+    retries: int = Field(2, ge=0, description="retries on network errors, with exponential backoff", json_schema_extra={"fingerprint": False})
+    backoff_s: float = Field(1.0, ge=0, description="first retry delay in seconds; doubles each retry", json_schema_extra={"fingerprint": False})
 
     @model_validator(mode="after")
     def _path_for_local(self):
@@ -76,6 +78,39 @@ class SimpsonsConfig(BaseModel):
 
 
 # ---------------------------------------------------------------------------- checks
+
+HASH_LIMIT = 256 * 2**20  # sources up to this size are fingerprinted by content, larger ones by size and mtime
+
+
+def files_stamp(path: Path) -> str:
+    """A stamp of a file's or folder's content, so an edited source is ingested again."""
+    path = Path(path)
+    if not path.exists():
+        return f"missing:{path}"
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    by_content = sum(f.stat().st_size for f in files) <= HASH_LIMIT
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(path) if f != path else f.name).encode())
+        if by_content:
+            with open(f, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+        else:
+            stat = f.stat()
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def source_stamp(cfg: "WikipediaConfig | SimpsonsConfig") -> str | None:
+    """What a source's files hold, for the ingest fingerprint; None where only the config says (the hub, Kaggle)."""
+    if cfg.source == "sample":
+        return files_stamp(SAMPLE_WIKIPEDIA if isinstance(cfg, WikipediaConfig) else SAMPLE_SIMPSONS)
+    if cfg.source == "local":
+        return files_stamp(Path(cfg.path))
+    if isinstance(cfg, WikipediaConfig) and Path(cfg.dataset).is_dir():  # a hub-format folder on disk
+        return files_stamp(Path(cfg.dataset))
+    return None
 
 
 def check_utf8(path: Path) -> None:
@@ -143,6 +178,8 @@ def probe_hub(timeout_s: float = 5.0) -> None:
     """Fail fast when the hub cannot be reached (datasets' own retries take ~30 s)."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise ConnectionError("HF_HUB_OFFLINE is set")
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # only a proxy can reach the hub here; let datasets use it
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     port = url.port or (443 if url.scheme == "https" else 80)
     socket.create_connection((url.hostname, port), timeout=timeout_s).close()
@@ -163,7 +200,8 @@ def _open_stream(cfg: WikipediaConfig):
         stream = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
         titles = [Path(f).stem.replace("_", " ") for f in files] if builder == "text" else None
     if "text" not in (stream.column_names or ["text"]):
-        raise SourceError(f"{cfg.path or cfg.dataset}: no `text` column (found {stream.column_names}); articles need a `text` column")
+        where = {"hub": cfg.dataset, "local": cfg.path, "sample": SAMPLE_WIKIPEDIA}[cfg.source]
+        raise SourceError(f"{where}: no `text` column (found {stream.column_names}); articles need a `text` column")
     if cfg.shuffle_buffer:
         stream = stream.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
     return stream.take(cfg.max_articles), titles
@@ -187,9 +225,8 @@ def _chain(exc: BaseException):
 def read_wikipedia(cfg: WikipediaConfig, drops: Counter | None = None) -> Iterator[dict]:
     """Yield articles (id, url, title, text); articles with no text are dropped and counted."""
     drops = drops if drops is not None else Counter()
-    attempt = 0
+    attempt = yielded = 0  # rows consumed so far: a retried stream skips them
     while True:
-        yielded = 0
         try:
             stream, titles = _open_stream(cfg)
             for index, row in enumerate(stream):
@@ -257,16 +294,17 @@ def normalise_line(text: str) -> tuple[str, bool]:
     return " ".join(fixed.split()), fixed != text
 
 
-def read_simpsons_csv(path: Path, character: str) -> tuple[list[dict], dict]:
+def read_simpsons_csv(path: Path, character: str, setting: str = "simpsons.path") -> tuple[list[dict], dict]:
     """Keep the character's lines that have words, in file order; count every other row.
 
     Returns (lines, counts); each line is {"row": data row number (1 = first after the
     header), "text": normalised words}.
     """
     path = Path(path)
-    check_file(path, "CSV file", "simpsons.path")
+    check_file(path, "CSV file", setting)
     check_utf8(path)
     counts = Counter()
+    speakers = Counter()
     kept = []
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
@@ -288,6 +326,7 @@ def read_simpsons_csv(path: Path, character: str) -> tuple[list[dict], dict]:
                     counts["dropped_blank"] += 1
                 elif who != character:
                     counts["dropped_other_character"] += 1
+                    speakers[who] += 1
                 elif not words.strip():
                     counts["dropped_no_words"] += 1
                 else:
@@ -298,9 +337,10 @@ def read_simpsons_csv(path: Path, character: str) -> tuple[list[dict], dict]:
             raise SourceError(f"{path}: row {reader.line_num}: malformed CSV ({exc})") from exc
     counts["kept"] = len(kept)
     if not kept:
-        speakers = "see raw_character_text"
+        close = difflib.get_close_matches(character, list(speakers), n=3, cutoff=0.5)
+        common = [name for name, _ in speakers.most_common(5)]
         raise SourceError(
-            f"{path}: no rows with words for simpsons.character={character!r} among {counts['rows_read']} rows "
-            f"({speakers}); check the spelling of simpsons.character"
+            f"{path}: no rows with words for simpsons.character={character!r} among {counts['rows_read']} rows; "
+            f"close matches: {close or 'none'}; most frequent speakers: {common}. Check simpsons.character"
         )
     return kept, {k: counts[k] for k in ("rows_read", "kept", "dropped_blank", "dropped_other_character", "dropped_no_words", "encoding_repairs")}

@@ -60,10 +60,27 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     return Path(root or os.environ.get("HOMER_DATA_DIR") or "data").absolute()
 
 
+def fingerprint_view(model: BaseModel) -> dict:
+    """A config as JSON without the fields marked `json_schema_extra={"fingerprint": False}`.
+
+    Those fields (log intervals, retries) change how a stage runs, not what it makes:
+    changing one resumes or reuses the output instead of starting over.
+    """
+    dump = model.model_dump(mode="json")
+    for name, field in type(model).model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        value = getattr(model, name)
+        if extra.get("fingerprint") is False:
+            dump.pop(name, None)
+        elif isinstance(value, BaseModel):
+            dump[name] = fingerprint_view(value)
+    return dump
+
+
 def fingerprint(stage: str, config: Any, inputs: dict[str, str], code_version: str) -> str:
     """Stable hash of everything that determines a stage's output."""
     if isinstance(config, BaseModel):
-        config = config.model_dump(mode="json")
+        config = fingerprint_view(config)
     blob = json.dumps(
         {"stage": stage, "config": config, "inputs": dict(sorted(inputs.items())), "code": code_version},
         sort_keys=True,

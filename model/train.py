@@ -63,8 +63,10 @@ class TrainConfig(BaseModel):
     allow_tf32: bool = Field(True, description="let CUDA matmuls and cuDNN use TF32 for fp32 math")
     device: str = Field("auto", description="torch device (cpu, cuda, cuda:1, ...); auto picks cuda when available")
     eval_every_steps: NonNegativeInt = Field(0, description="validate every this many steps too; 0 = only at epoch end")
-    checkpoint_every_steps: NonNegativeInt = Field(200, description="write last/ every this many steps; 0 = only at epoch end")
-    log_every_steps: PositiveInt = Field(50, description="report mean loss and chars/s every this many steps")
+    # How often to save and log changes how a run goes, not what it makes: not part of the stage fingerprint.
+    checkpoint_every_steps: NonNegativeInt = Field(200, description="write last/ every this many steps; 0 = only at epoch end",
+                                                   json_schema_extra={"fingerprint": False})
+    log_every_steps: PositiveInt = Field(50, description="report mean loss and chars/s every this many steps", json_schema_extra={"fingerprint": False})
     early_stopping_patience: PositiveInt | None = Field(
         3, description="stop after this many validations in a row without a new best loss; None = never")
     seed: NonNegativeInt = Field(0, description="seeds weight init, dropout and the data order")

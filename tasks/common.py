@@ -11,7 +11,8 @@ from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from model.store import StageRef, data_root, fingerprint, is_complete, output_dir
+from model.sources import source_stamp
+from model.store import StageRef, data_root, fingerprint, is_complete, output_dir, set_latest
 
 CODE_VERSIONS = {  # bump a stage's version when its output format or logic changes
     "ingest-wikipedia": "1",
@@ -24,7 +25,11 @@ CODE_VERSIONS = {  # bump a stage's version when its output format or logic chan
 
 
 def stage_fingerprint(stage: str, config: Any, inputs: dict[str, StageRef] | None = None) -> str:
-    return fingerprint(stage, config, {k: v.fingerprint for k, v in (inputs or {}).items()}, CODE_VERSIONS[stage])
+    """The output's name: stage, config, inputs' fingerprints, code version (and, for ingests, the source files)."""
+    keys = {k: v.fingerprint for k, v in (inputs or {}).items()}
+    if stage.startswith("ingest-") and (stamp := source_stamp(config)):
+        keys["source-files"] = stamp
+    return fingerprint(stage, config, keys, CODE_VERSIONS[stage])
 
 
 def stage_cache_key(stage: str):
@@ -50,7 +55,10 @@ def run_stage_task(stage_task, stage: str, config: Any, inputs: dict[str, StageR
     kwargs = {"config": config, "root": root}
     if inputs is not None:
         kwargs["inputs"] = inputs
-    return task(**kwargs, **options)
+    result = task(**kwargs, **options)
+    if is_complete(output_dir(data_root(root), stage, fp)):
+        set_latest(data_root(root), stage, fp)  # a Cached task never ran its body, which sets latest too
+    return result
 
 
 def artifact_key(*parts: str) -> str:

@@ -69,7 +69,8 @@ def ingest_simpsons_task(config: SimpsonsConfig, root: str | None = None, inputs
         return ref
     started = time.monotonic()
     csv_path = download_simpsons(config)
-    lines, counts = read_simpsons_csv(csv_path, config.character)
+    setting = {"local": "simpsons.path", "sample": "the bundled sample", "kaggle": "simpsons.handle"}[config.source]
+    lines, counts = read_simpsons_csv(csv_path, config.character, setting)
     with staging(root, stage, fp) as tmp:
         pq.write_table(pa.Table.from_pylist(lines, schema=LINE_SCHEMA), tmp / "lines.parquet", compression="zstd")
         counts = dict(counts, chars=sum(len(x["text"]) for x in lines), seconds=round(time.monotonic() - started, 2))

@@ -17,19 +17,21 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
-from model.checkpoint import read_state
+from model.checkpoint import CheckpointError, read_state, resolve_checkpoint
 from model.network import ModelConfig
-from model.shards import read_split
-from model.store import StageRef, check_writable, exclusive, is_complete, manifest_for, output_dir, set_latest, write_manifest, data_root
+from model.shards import ShardError, list_shards
+from model.store import StageRef, StoreError, check_writable, exclusive, is_complete, manifest_for, output_dir, set_latest, write_manifest, data_root
 from model.train import NonFiniteLossError, TrainCallbacks, TrainConfig, TrainingStopped, train
-from model.vocab import Vocab
+from model.vocab import Vocab, VocabularyError
 from tasks.common import artifact_key, stage_cache_key, stage_fingerprint
 
-NO_RETRY = (NonFiniteLossError, TrainingStopped)  # retrying these gives the same answer
+# Retrying these gives the same answer: bad inputs, a mismatch, a NaN, a requested stop.
+NO_RETRY = (NonFiniteLossError, TrainingStopped, CheckpointError, ShardError, VocabularyError, StoreError, ValueError)
 
 
 def _retry_unless_final(_task, _run, state) -> bool:
@@ -63,12 +65,16 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def prefect_callbacks(stage: str, total_steps: int, stop: _StopFlag) -> TrainCallbacks:
-    """Log lines, a progress artifact and an epoch table while training runs."""
+def prefect_callbacks(stage: str, total_steps: int, stop: _StopFlag, history: list[dict]) -> tuple[TrainCallbacks, Callable]:
+    """Log lines, a progress artifact and an epoch table while training runs.
+
+    `history` holds the epochs a resumed run already did, so the table continues. Returns
+    the callbacks and a function that marks the progress done.
+    """
     log = get_run_logger()
     progress_id = create_progress_artifact(progress=0.0, key=artifact_key(stage, "progress"),
                                            description=f"{stage}: percent of the step budget done")
-    epochs: list[dict] = []
+    epochs: list[dict] = [_rounded(m) for m in history]
 
     def on_log(m: dict) -> None:
         log.info("step %d epoch %d loss %.4f chars/s %.0f lr %.2e", m["step"], m["epoch"], m["loss"], m["chars_per_s"], m["lr"])
@@ -79,10 +85,15 @@ def prefect_callbacks(stage: str, total_steps: int, stop: _StopFlag) -> TrainCal
                  " (best)" if m.get("improved") else "")
 
     def on_epoch_end(m: dict) -> None:
-        epochs.append({k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()})
+        epochs.append(_rounded(m))
         create_table_artifact(key=artifact_key(stage, "epochs"), table=epochs, description=f"{stage}: metrics per epoch")
 
-    return TrainCallbacks(on_log=on_log, on_eval=on_eval, on_epoch_end=on_epoch_end, should_stop=lambda: stop.stop)
+    callbacks = TrainCallbacks(on_log=on_log, on_eval=on_eval, on_epoch_end=on_epoch_end, should_stop=lambda: stop.stop)
+    return callbacks, lambda: update_progress_artifact(progress_id, progress=100.0)
+
+
+def _rounded(metrics: dict) -> dict:
+    return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()}
 
 
 GPU_LIMIT = "gpu"
@@ -134,7 +145,9 @@ def gpu_slot(device: str):
 
 
 def plan_steps(shards_dir: Path, cfg: TrainConfig) -> int:
-    windows = read_split(shards_dir, "train")[1]["rows"]
+    import pyarrow.parquet as pq
+
+    windows = sum(pq.ParquetFile(p).metadata.num_rows for p in list_shards(shards_dir, "train"))  # footers only
     total = math.ceil(windows / cfg.batch_size) * cfg.epochs
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
@@ -161,10 +174,13 @@ def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: 
             log.info("resuming %s from %s", stage, out / "last")
         vocab = Vocab.load(prepare.dir / "vocab.json")
         started = time.monotonic()
+        previous = resolve_checkpoint(out / "last")
+        history = read_state(previous)["history"] if previous else []
         with _StopFlag() as stop, gpu_slot(train_config.device):
+            callbacks, finished = prefect_callbacks(stage, plan_steps(shards, train_config), stop, history)
             result = train(model_config=model_config, train_config=train_config, shards_dir=shards, out_dir=out,
-                           vocab=vocab, init_from=init_from,
-                           callbacks=prefect_callbacks(stage, plan_steps(shards, train_config), stop))
+                           vocab=vocab, init_from=init_from, callbacks=callbacks)
+            finished()
         from model.report import plot_losses  # matplotlib only where it is used
 
         plot_losses({stage: out / "metrics.jsonl"}, out / "loss.png")

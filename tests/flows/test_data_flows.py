@@ -199,3 +199,36 @@ def test_cli_stage_ingest_simpsons_and_prepare_print_a_summary(data_dir, small_c
     assert missing.exit_code == 1 and "ingest-wikipedia" in missing.output
     unknown = runner.invoke(app, ["stage", "train-everything"])
     assert unknown.exit_code == 2 and "unknown stage" in unknown.output
+
+
+def test_latest_follows_the_last_run_even_when_it_is_cached(data_dir, small_csv):
+    from flows.ingest_simpsons import ingest_simpsons
+
+    homer = SimpsonsConfig(source="local", path=str(small_csv))
+    marge = SimpsonsConfig(source="local", path=str(small_csv), character="Marge Simpson")
+    a = ingest_simpsons(homer)
+    b = ingest_simpsons(marge)
+    assert latest(data_dir, "ingest-simpsons") == b
+    assert ingest_simpsons(homer) == a  # served from the cache
+    assert latest(data_dir, "ingest-simpsons") == a
+
+
+def test_an_edited_source_file_is_ingested_again(data_dir, small_csv):
+    from flows.ingest_simpsons import ingest_simpsons
+
+    cfg = SimpsonsConfig(source="local", path=str(small_csv))
+    first = ingest_simpsons(cfg)
+    small_csv.write_text(small_csv.read_text() + "Homer Simpson,One more doughnut.\n", encoding="utf-8")
+    second = ingest_simpsons(cfg)
+    assert second.fingerprint != first.fingerprint
+    assert read_manifest(second.dir)["counts"]["kept"] == read_manifest(first.dir)["counts"]["kept"] + 1
+
+
+def test_cli_rejects_inputs_the_stage_does_not_take(data_dir):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["stage", "pretrain", "--input", "prepare", "--input", "ingest_wikipedia=abc"])
+    assert result.exit_code == 2
+    assert "expected STAGE=FINGERPRINT|PATH" in result.output and "pretrain takes prepare" in result.output

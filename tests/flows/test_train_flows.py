@@ -151,3 +151,60 @@ def test_cli_stage_pretrain_killed_and_started_again_resumes(tmp_path, data_dir)
     manifest = read_manifest(out)
     assert manifest["counts"]["resumed_from_step"] == killed_at and manifest["counts"]["steps"] == 400
     assert str(out) in again.stdout
+
+
+def test_a_task_retry_resumes_from_last(data_dir, monkeypatch):
+    """The first attempt fails mid-run (after a checkpoint); Prefect's retry continues from last/."""
+    import tasks.train as train_tasks
+    from flows.pipeline import homer_pipeline
+    from flows.pretrain import pretrain
+
+    homer_pipeline(load_config("sample", None, TINY))  # the data stages
+    original = train_tasks.prefect_callbacks
+    failures = []
+
+    def failing_once(*args, **kwargs):
+        callbacks, finished = original(*args, **kwargs)
+        log = callbacks.on_log
+
+        def on_log(m):
+            log(m)
+            if m["step"] >= 9 and not failures:
+                failures.append(m["step"])
+                raise RuntimeError("a transient failure (test)")
+
+        callbacks.on_log = on_log
+        return callbacks, finished
+
+    monkeypatch.setattr(train_tasks, "prefect_callbacks", failing_once)
+    cfg = load_config("sample", None, TINY + ["pretrain.train.max_steps=12", "pretrain.train.seed=7"]).pretrain
+    ref = pretrain(cfg)
+    manifest = read_manifest(ref.dir)
+    assert failures == [10] and manifest["counts"]["resumed_from_step"] == 9  # last/ was written at step 9
+    assert manifest["counts"]["steps"] == 12
+
+
+def test_two_runs_of_the_same_training_stage_leave_one_output(data_dir):
+    import threading
+
+    from flows.pipeline import homer_pipeline
+    from flows.pretrain import pretrain
+
+    homer_pipeline(load_config("sample", None, TINY))
+    cfg = load_config("sample", None, TINY + ["pretrain.train.max_steps=8", "pretrain.train.seed=11"]).pretrain
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(pretrain(cfg))
+        except Exception as exc:  # pragma: no cover - reported by the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 2 and results[0] == results[1]
+    assert read_manifest(results[0].dir)["counts"]["steps"] == 8
+    load_model_from_checkpoint(results[0].dir / "best")

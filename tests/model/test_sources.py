@@ -142,3 +142,41 @@ def test_config_requires_path_for_local():
         WikipediaConfig(source="local")
     with pytest.raises(ValueError, match="simpsons.path"):
         SimpsonsConfig(source="local")
+
+
+def test_a_stream_that_breaks_is_retried_without_repeating_articles(monkeypatch):
+    import model.sources as sources
+
+    rows = [{"id": str(i), "text": f"article {i}"} for i in range(6)]
+    calls = []
+
+    def flaky_stream(cfg):
+        calls.append(1)
+        def rows_until_failure():
+            for i, row in enumerate(rows):
+                if len(calls) == 1 and i == 3:
+                    raise ConnectionError("connection reset by peer")
+                yield row
+        return rows_until_failure(), None
+
+    monkeypatch.setattr(sources, "_open_stream", flaky_stream)
+    got = [a["id"] for a in read_wikipedia(WikipediaConfig(source="hub", retries=2, backoff_s=0))]
+    assert got == ["0", "1", "2", "3", "4", "5"] and len(calls) == 2
+
+
+def test_source_stamp_follows_the_file_content(tmp_path):
+    from model.sources import source_stamp
+
+    path = tmp_path / "s.csv"
+    path.write_text("raw_character_text,spoken_words\nHomer Simpson,D'oh!\n", encoding="utf-8")
+    cfg = SimpsonsConfig(source="local", path=str(path))
+    first = source_stamp(cfg)
+    assert first == source_stamp(cfg)
+    path.write_text("raw_character_text,spoken_words\nHomer Simpson,Woo-hoo!\n", encoding="utf-8")
+    assert source_stamp(cfg) != first
+    assert source_stamp(SimpsonsConfig()) is None  # kaggle: the handle in the config names it
+
+
+def test_no_rows_for_the_character_suggests_close_names(small_csv):
+    with pytest.raises(SourceError, match=r"close matches: \['Homer Simpson'"):
+        read_simpsons_csv(small_csv, "Homer Simpsons")

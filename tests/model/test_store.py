@@ -40,8 +40,7 @@ def test_staging_publishes_manifest_and_latest(tmp_path):
     assert ref.fingerprint == "f1" and (ref.dir / "file.txt").read_text() == "x"
     manifest = ref.manifest()
     assert manifest["stage"] == "prepare" and manifest["counts"] == {"n": 1} and "torch" in manifest["versions"]
-    assert [p.name for p in (tmp_path / "prepare").iterdir()] == ["f1", "latest"] or \
-        sorted(p.name for p in (tmp_path / "prepare").iterdir()) == ["f1", "latest"]
+    assert sorted(p.name for p in (tmp_path / "prepare").iterdir()) == ["f1", "latest"]
 
 
 def test_failure_leaves_nothing_that_looks_complete(tmp_path):
