@@ -1,5 +1,6 @@
 # Two commands do all the set-up: `make run` and `make test` (each installs first).
 PYTHON ?= python3
+PIP_FLAGS ?=   # e.g. --extra-index-url https://download.pytorch.org/whl/cpu where pip has no CPU torch
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
@@ -12,7 +13,7 @@ export PYTHONUNBUFFERED = 1
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(PIP_FLAGS) -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
