@@ -198,7 +198,9 @@ def _open_stream(cfg: WikipediaConfig):
         builder, files = _local_data_files(path)
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         stream = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
-        titles = [Path(f).stem.replace("_", " ") for f in files] if builder == "text" else None
+        # The text builder yields files in order but not their names: titles come from the file list,
+        # which a shuffle buffer would scramble.
+        titles = [Path(f).stem.replace("_", " ") for f in files] if builder == "text" and not cfg.shuffle_buffer else None
     if "text" not in (stream.column_names or ["text"]):
         where = {"hub": cfg.dataset, "local": cfg.path, "sample": SAMPLE_WIKIPEDIA}[cfg.source]
         raise SourceError(f"{where}: no `text` column (found {stream.column_names}); articles need a `text` column")

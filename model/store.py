@@ -223,10 +223,10 @@ def staging(root: Path, stage: str, fp: str) -> Iterator[Path]:
         try:
             os.rename(tmp, final)
         except OSError:
+            # Renames are atomic, so a run that got here first left a complete output: keep it.
             if not is_complete(final):
-                if final.exists():  # a stale incomplete directory (older layout or manual copy)
-                    shutil.rmtree(final)
-                os.rename(tmp, final)
+                raise StoreError(f"{final} exists but is not a complete output (no {MANIFEST}); "
+                                 f"it was not written by this pipeline: move it away and run again") from None
         set_latest(root, stage, fp)
     finally:
         if tmp.exists():

@@ -66,7 +66,8 @@ class Vocab:
         """Map text to ids, (T,) uint16; characters outside the vocabulary become unk_id."""
         if not text:
             return np.zeros(0, dtype=np.uint16)
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # (T,)
+        # surrogatepass: a lone surrogate (from broken input) becomes the unknown token, not a crash
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)  # (T,)
         return self._lookup.take(codes)
 
     def decode(self, ids) -> str:

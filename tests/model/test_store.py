@@ -92,3 +92,13 @@ def test_root_that_is_a_file_names_the_setting(tmp_path):
     blocker.write_text("")
     with pytest.raises(StoreError, match="not writable.*HOMER_DATA_DIR"):
         check_writable(blocker / "data")
+
+
+def test_a_foreign_directory_in_the_way_is_reported_not_deleted(tmp_path):
+    foreign = tmp_path / "prepare" / "f6"
+    foreign.mkdir(parents=True)
+    (foreign / "precious.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="not a complete output"):
+        _publish(tmp_path, "f6")
+    assert (foreign / "precious.txt").read_text() == "keep me"
+    assert not [p for p in (tmp_path / "prepare").iterdir() if p.name.startswith(".")]

@@ -75,3 +75,8 @@ def test_failed_writer_leaves_no_shard(tmp_path):
             writer.add(np.zeros((3, 3), dtype=np.uint16))
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lone_surrogate_becomes_unknown_not_a_crash():
+    vocab = build_vocab(count_chars(["abc"]))
+    assert vocab.encode("a\ud800b").tolist() == [vocab.encode("a")[0], vocab.unk_id, vocab.encode("b")[0]]
