@@ -66,3 +66,4 @@ SMALL_CSV = (
 @pytest.fixture
 def small_csv(tmp_path) -> Path:
     return write_csv(tmp_path / "simpsons_dataset.csv", SMALL_CSV)
+

@@ -4,7 +4,6 @@ re-runs, concurrent runs and bad input."""
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 
 import pyarrow as pa
@@ -16,6 +15,7 @@ from model.prepare import PrepareConfig
 from model.sources import SimpsonsConfig, SourceError, WikipediaConfig, read_wikipedia
 from model.store import StoreError, latest, read_manifest
 from tasks.common import run_stage_task
+from tests.helpers import run_twice_at_once
 from tasks.data import ingest_simpsons_task
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -136,20 +136,8 @@ def test_two_runs_at_once_leave_one_intact_output(tmp_path, data_dir, small_csv)
     from model.shards import read_split
 
     _prepare_inputs(tmp_path, data_dir, small_csv)
-    results, errors = [], []
-
-    def run():
-        try:
-            results.append(prepare(PrepareConfig(seq_len=20, lines_per_doc=30)))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(results) == 2 and results[0] == results[1]
+    results = run_twice_at_once(lambda: prepare(PrepareConfig(seq_len=20, lines_per_doc=30)))
+    assert results[0] == results[1]
     stage_dir = data_dir / "prepare"
     assert sorted(p.name for p in stage_dir.iterdir() if not p.name.endswith(".lock")) == sorted([results[0].fingerprint, "latest"])
     windows, meta = read_split(results[0].dir / "shards" / "simpsons", "train")

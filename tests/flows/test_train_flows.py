@@ -18,6 +18,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlo
 from flows.config import load_config
 from model.checkpoint import CheckpointError, load_model_from_checkpoint
 from model.store import latest, read_manifest
+from tests.helpers import run_twice_at_once
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
 
@@ -185,26 +186,12 @@ def test_a_task_retry_resumes_from_last(data_dir, monkeypatch):
 
 
 def test_two_runs_of_the_same_training_stage_leave_one_output(data_dir):
-    import threading
-
     from flows.pipeline import homer_pipeline
     from flows.pretrain import pretrain
 
     homer_pipeline(load_config("sample", None, TINY))
     cfg = load_config("sample", None, TINY + ["pretrain.train.max_steps=8", "pretrain.train.seed=11"]).pretrain
-    results, errors = [], []
-
-    def run():
-        try:
-            results.append(pretrain(cfg))
-        except Exception as exc:  # pragma: no cover - reported by the assertion
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(results) == 2 and results[0] == results[1]
+    results = run_twice_at_once(lambda: pretrain(cfg))
+    assert results[0] == results[1]
     assert read_manifest(results[0].dir)["counts"]["steps"] == 8
     load_model_from_checkpoint(results[0].dir / "best")
