@@ -7,6 +7,7 @@ complete on disk: Prefect shows a re-run as Cached, and a deleted output is rebu
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_table_artifact
@@ -30,6 +31,12 @@ def stage_fingerprint(stage: str, config: Any, inputs: dict[str, StageRef] | Non
     if stage.startswith("ingest-") and (stamp := source_stamp(config)):
         keys["source-files"] = stamp
     return fingerprint(stage, config, keys, CODE_VERSIONS[stage])
+
+
+def complete_ref(root: Path, stage: str, fp: str) -> StageRef | None:
+    """The ref of a complete output with this fingerprint, or None (run_stage_task updates latest)."""
+    out = output_dir(root, stage, fp)
+    return StageRef(stage=stage, fingerprint=fp, path=str(out)) if is_complete(out) else None
 
 
 def stage_cache_key(stage: str):

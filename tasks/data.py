@@ -16,28 +16,20 @@ from prefect import get_run_logger, task
 
 from model.prepare import PrepareConfig, corpus_char_counts, group_lines, write_corpus, write_shards
 from model.sources import SimpsonsConfig, WikipediaConfig, download_simpsons, read_simpsons_csv, read_wikipedia
-from model.store import StageRef, data_root, is_complete, manifest_for, output_dir, set_latest, staging, write_manifest
+from model.store import StageRef, data_root, manifest_for, output_dir, staging, write_manifest
 from model.vocab import build_vocab
-from tasks.common import stage_cache_key, stage_fingerprint
+from tasks.common import complete_ref, stage_cache_key, stage_fingerprint
 
 ARTICLE_SCHEMA = pa.schema([("id", pa.string()), ("url", pa.string()), ("title", pa.string()), ("text", pa.string())])
 LINE_SCHEMA = pa.schema([("row", pa.int64()), ("text", pa.string())])
 WRITE_BATCH = 1000
 
 
-def _reuse(stage: str, root, fp: str) -> StageRef | None:
-    out = output_dir(root, stage, fp)
-    if is_complete(out):
-        set_latest(root, stage, fp)
-        return StageRef(stage=stage, fingerprint=fp, path=str(out))
-    return None
-
-
 @task(name="ingest-wikipedia", cache_key_fn=stage_cache_key("ingest-wikipedia"), persist_result=True)
 def ingest_wikipedia_task(config: WikipediaConfig, root: str | None = None, inputs: dict | None = None) -> StageRef:
     stage, root = "ingest-wikipedia", data_root(root)
     fp = stage_fingerprint(stage, config)
-    if ref := _reuse(stage, root, fp):
+    if ref := complete_ref(root, stage, fp):
         return ref
     log, started = get_run_logger(), time.monotonic()
     drops, articles, chars = Counter(), 0, 0
@@ -65,7 +57,7 @@ def ingest_wikipedia_task(config: WikipediaConfig, root: str | None = None, inpu
 def ingest_simpsons_task(config: SimpsonsConfig, root: str | None = None, inputs: dict | None = None) -> StageRef:
     stage, root = "ingest-simpsons", data_root(root)
     fp = stage_fingerprint(stage, config)
-    if ref := _reuse(stage, root, fp):
+    if ref := complete_ref(root, stage, fp):
         return ref
     started = time.monotonic()
     csv_path = download_simpsons(config)
@@ -94,7 +86,7 @@ def _lines(ref: StageRef):
 def prepare_task(config: PrepareConfig, inputs: dict[str, StageRef], root: str | None = None) -> StageRef:
     stage, root = "prepare", data_root(root)
     fp = stage_fingerprint(stage, config, inputs)
-    if ref := _reuse(stage, root, fp):
+    if ref := complete_ref(root, stage, fp):
         return ref
     log, started = get_run_logger(), time.monotonic()
     with staging(root, stage, fp) as tmp:

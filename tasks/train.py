@@ -25,10 +25,10 @@ from prefect.artifacts import create_link_artifact, create_progress_artifact, cr
 from model.checkpoint import CheckpointError, read_state, resolve_checkpoint
 from model.network import ModelConfig
 from model.shards import ShardError, list_shards
-from model.store import StageRef, StoreError, check_writable, exclusive, is_complete, manifest_for, output_dir, set_latest, write_manifest, data_root
+from model.store import StageRef, StoreError, check_writable, data_root, exclusive, manifest_for, output_dir, set_latest, write_manifest
 from model.train import NonFiniteLossError, TrainCallbacks, TrainConfig, TrainingStopped, train
 from model.vocab import Vocab, VocabularyError
-from tasks.common import artifact_key, stage_cache_key, stage_fingerprint
+from tasks.common import artifact_key, complete_ref, stage_cache_key, stage_fingerprint
 
 # Retrying these gives the same answer: bad inputs, a mismatch, a NaN, a requested stop.
 NO_RETRY = (NonFiniteLossError, TrainingStopped, CheckpointError, ShardError, VocabularyError, StoreError, ValueError)
@@ -158,16 +158,13 @@ def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: 
     root = data_root(root)
     fp = stage_fingerprint(stage, config, inputs)
     out = output_dir(root, stage, fp)
-    ref = StageRef(stage=stage, fingerprint=fp, path=str(out))
-    if is_complete(out):
-        set_latest(root, stage, fp)
+    if ref := complete_ref(root, stage, fp):
         return ref
     check_writable(root)
     log = get_run_logger()
     shards = prepare.dir / "shards" / corpus
     with exclusive(root, stage, fp):
-        if is_complete(out):  # another run finished it while we waited for the lock
-            set_latest(root, stage, fp)
+        if ref := complete_ref(root, stage, fp):  # another run finished it while we waited for the lock
             return ref
         out.mkdir(parents=True, exist_ok=True)
         if (out / "last").exists():
@@ -197,7 +194,7 @@ def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: 
                          description=f"best validation checkpoint of {stage}; last/ is beside it")
     create_table_artifact(key=artifact_key(stage, "summary"), table=[{"metric": k, "value": v} for k, v in {**counts, **metrics}.items()],
                           description=f"{stage}: final metrics")
-    return ref
+    return StageRef(stage=stage, fingerprint=fp, path=str(out))
 
 
 @task(name="pretrain", cache_key_fn=stage_cache_key("pretrain"), persist_result=True, retries=1,
@@ -228,9 +225,8 @@ def report_task(config, inputs: dict[str, StageRef], root: str) -> StageRef:
     stage, root = "report", data_root(root)
     fp = stage_fingerprint(stage, config, inputs)
     out = output_dir(root, stage, fp)
-    if is_complete(out):
-        set_latest(root, stage, fp)
-        return StageRef(stage=stage, fingerprint=fp, path=str(out))
+    if ref := complete_ref(root, stage, fp):
+        return ref
     prepare = inputs["prepare"]
     with staging(root, stage, fp) as tmp:
         scores = []

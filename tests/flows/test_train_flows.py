@@ -85,7 +85,7 @@ def test_finetune_rejects_a_checkpoint_with_another_vocabulary(data_dir):
     other = prepare(load_config("sample", None, ["prepare.min_count=40"]).prepare)  # fewer characters
     with pytest.raises(CheckpointError, match="vocabulary"):
         finetune(load_config("sample", None, TINY).finetune, other, refs["pretrain"])
-    assert not list((data_dir / "finetune").glob(f"*/manifest.json")) or latest(data_dir, "finetune") == refs["finetune"]
+    assert not list((data_dir / "finetune").glob("*/manifest.json")) or latest(data_dir, "finetune") == refs["finetune"]
 
 
 def test_generate_flow_and_cli(data_dir):

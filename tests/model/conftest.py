@@ -6,23 +6,19 @@ import numpy as np
 import pytest
 
 from model.network import ModelConfig
+from model.prepare import windows_of
 from model.shards import ShardWriter
 from model.vocab import build_vocab, count_chars
 
 TEXT = "D'oh! Mmm... donuts. Woo-hoo! Why you little...! "
 
 
-def windows_of(ids: np.ndarray, seq_len: int) -> np.ndarray:
-    """Consecutive windows of seq_len + 1 ids overlapping by one, (N, seq_len + 1) uint16."""
-    n = (len(ids) - 1) // seq_len
-    return np.stack([ids[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)]).astype(np.uint16)
-
-
 def _write_shards(shards_dir, vocab, train_text: str, val_text: str, seq_len: int = 16, rows_per_shard: int = 64):
     for split, text in (("train", train_text), ("val", val_text)):
         with ShardWriter(shards_dir, split, seq_len=seq_len, corpus="test", vocab_fingerprint=vocab.fingerprint,
                          rows_per_shard=rows_per_shard) as w:
-            w.add(windows_of(vocab.encode(text), seq_len))
+            ids = vocab.encode(text)
+            w.add(windows_of(ids, np.array([len(ids)]), seq_len)[0])  # one document
     return shards_dir
 
 
