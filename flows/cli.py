@@ -60,7 +60,8 @@ def summarise(refs: dict[str, StageRef], seconds: float) -> str:
         keys = {**{k: v for k, v in counts.items() if not isinstance(v, dict)}, **metrics}
         if "shards" in counts:
             for corpus, splits in counts["shards"].items():
-                keys[f"{corpus} windows"] = f"{splits['train']['windows']} train / {splits['val']['windows']} val, oov {splits['oov_rate']:.4%}"
+                keys[f"{corpus} windows"] = (f"{splits['train']['windows']} train / {splits['val']['windows']} val / "
+                                             f"{splits['test']['windows']} test, oov {splits['oov_rate']:.4%}")
         for key, value in keys.items():
             if key not in ("vocab_fingerprint",):
                 lines.append(f"    {key}: {value:.4f}" if isinstance(value, float) else f"    {key}: {value}")

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from model.network import ModelConfig
 from model.prepare import PrepareConfig
 from model.sources import SimpsonsConfig, WikipediaConfig
-from model.train import TrainConfig
+from model.train import FinetuneTrainConfig, TrainConfig
 
 Profile = Literal["default", "sample"]
 
@@ -36,16 +36,11 @@ class PretrainConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimiser, schedule and loop settings")
 
 
-def _finetune_train_defaults() -> TrainConfig:
-    # The published fine-tuning recipe: 1e-5 for the first 4 epochs, then x exp(-0.1) per epoch.
-    return TrainConfig(learning_rate=1e-5, constant_epochs=4, epochs=10)
-
-
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     init_from: str | None = Field(None, description="checkpoint to start from: a pretrain fingerprint, a checkpoint or output directory; empty = the latest pretrain's best/")
-    train: TrainConfig = Field(default_factory=_finetune_train_defaults, description="loop settings (fresh optimiser; low learning rate)")
+    train: FinetuneTrainConfig = Field(default_factory=FinetuneTrainConfig, description="loop settings: a fresh optimiser, 1e-5 for 4 epochs, then x exp(-0.1) per epoch")
 
 
 class GenerateConfig(BaseModel):

@@ -42,7 +42,8 @@ def finetune(config: FinetuneConfig = FinetuneConfig(), prepare: StageRef | str 
 
     Args:
         config: the starting checkpoint and the training loop (fresh optimizer)
-        prepare: prepare output (fingerprint or directory); empty = the latest
+        prepare: prepare output (fingerprint or directory); empty = the one the starting model was
+            pretrained on (its manifest), else the latest
         pretrain: pretrain output (fingerprint or directory); empty = config.init_from, else the latest
         data_dir: artifact root (default: $HOMER_DATA_DIR or ./data)
     """
@@ -53,5 +54,7 @@ def finetune(config: FinetuneConfig = FinetuneConfig(), prepare: StageRef | str 
         start = resolve_start(root, pretrain, label="pretrain")
     else:
         start = resolve_start(root, config.init_from)
+    if prepare in (None, "") and start.stage == "pretrain":
+        prepare = start.manifest()["inputs"]["prepare"]["fingerprint"]  # the data the model was pretrained on
     inputs = {"prepare": resolve(root, "prepare", prepare), "init": start}
     return run_stage_task(finetune_task, "finetune", config, inputs, str(root))

@@ -49,8 +49,9 @@ def homer_pipeline(config: PipelineConfig = PipelineConfig(), data_dir: str | No
         simpsons = _in_thread(pool, ingest_simpsons, config.simpsons, str(root))
         refs = {"ingest-wikipedia": wikipedia.result(), "ingest-simpsons": simpsons.result()}
     refs["prepare"] = prepare(config.prepare, refs["ingest-wikipedia"], refs["ingest-simpsons"], str(root))
-    refs["pretrain"] = pretrain(config.pretrain, refs["prepare"], str(root))
-    start = refs["pretrain"] if not config.finetune.init_from else None  # None: finetune resolves init_from itself
-    refs["finetune"] = finetune(config.finetune, refs["prepare"], start, str(root))
-    refs["report"] = report(config.report, refs["prepare"], refs["pretrain"], refs["finetune"], str(root))
+    if not config.finetune.init_from:  # with init_from set, no pretraining would be used: none runs
+        refs["pretrain"] = pretrain(config.pretrain, refs["prepare"], str(root))
+    refs["finetune"] = finetune(config.finetune, refs["prepare"], refs.get("pretrain"), str(root))  # None: init_from
+    # The report reads the model fine-tuning started from out of the finetune output's manifest.
+    refs["report"] = report(config.report, refs["prepare"], refs.get("pretrain"), refs["finetune"], str(root))
     return refs

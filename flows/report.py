@@ -1,8 +1,11 @@
 """The `report` stage flow, last in the DAG: held-out bits per character, samples, loss curves.
 
-Scores the pretrained and the fine-tuned model on both validation splits, so the effect
-of fine-tuning on the character's text is visible, and writes `report.md` (with
-`loss.png`) into its output directory and as Prefect artifacts.
+Scores the fine-tuned model and the pretrained model it started from on the test and
+validation splits of both corpora of the data it was fine-tuned on, so the effect of
+fine-tuning on the character's text is visible, and writes `report.md` (with `loss.png`)
+into its output directory and as Prefect artifacts. Which models and data belong
+together is read from the fine-tune output's manifest; an explicit input that
+contradicts it is refused.
 
     homer stage report
 """
@@ -14,9 +17,32 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from flows.config import ReportConfig
 from flows.naming import run_namer
-from model.store import StageRef, data_root, read_manifest, resolve
+from model.store import StageRef, StoreError, data_root, read_manifest, resolve
 from tasks.common import artifact_key, run_stage_task
 from tasks.train import report_task
+
+
+def belonging_inputs(root, finetune: StageRef, prepare: StageRef | str | None, pretrain: StageRef | str | None) -> dict[str, StageRef]:
+    """The fine-tune output, the model it started from and the data it was fine-tuned on.
+
+    Read from the fine-tune output's manifest; an explicit `prepare` or `pretrain` must be
+    the same output, else a StoreError says which and what to do.
+    """
+    recorded = finetune.manifest()["inputs"]
+    own_prepare, own_start = StageRef.model_validate(recorded["prepare"]), StageRef.model_validate(recorded["init"])
+    start = resolve(root, "pretrain", own_start.fingerprint) if own_start.stage == "pretrain" else own_start
+    data = resolve(root, "prepare", own_prepare.fingerprint)
+    problems = []
+    if prepare not in (None, "") and (given := resolve(root, "prepare", prepare)).fingerprint != data.fingerprint:
+        problems.append(f"prepare={given.fingerprint}, but finetune {finetune.fingerprint} was fine-tuned on prepare {data.fingerprint}")
+    if pretrain not in (None, "") and (given := resolve(root, "pretrain", pretrain)).fingerprint != start.fingerprint:
+        problems.append(f"pretrain={given.fingerprint}, but finetune {finetune.fingerprint} started from "
+                        f"{start.stage} {start.fingerprint} ({start.path})")
+    if problems:
+        raise StoreError("report: the inputs do not belong together: " + "; ".join(problems)
+                         + ". Leave prepare and pretrain empty (they are read from the finetune output's manifest), "
+                           "or pass the finetune output that was trained from them.")
+    return {"prepare": data, "pretrain": start, "finetune": finetune}
 
 
 @flow(name="report", flow_run_name=run_namer("report", {"temperatures": "config.temperatures"}))
@@ -26,14 +52,13 @@ def report(config: ReportConfig = ReportConfig(), prepare: StageRef | str | None
 
     Args:
         config: sampling settings of the report
-        prepare: prepare output (fingerprint or directory); empty = the latest
-        pretrain: pretrain output (fingerprint or directory); empty = the latest
+        prepare: prepare output; empty = the one the fine-tuned model was trained on (must match if given)
+        pretrain: pretrain output; empty = the one the fine-tuned model started from (must match if given)
         finetune: finetune output (fingerprint or directory); empty = the latest
         data_dir: artifact root (default: $HOMER_DATA_DIR or ./data)
     """
     root = data_root(data_dir)
-    inputs = {"prepare": resolve(root, "prepare", prepare), "pretrain": resolve(root, "pretrain", pretrain),
-              "finetune": resolve(root, "finetune", finetune)}
+    inputs = belonging_inputs(root, resolve(root, "finetune", finetune), prepare, pretrain)
     ref = run_stage_task(report_task, "report", config, inputs, str(root))
     # The UI cannot show a relative image: the artifact links the PNG in the output directory instead.
     markdown = (ref.dir / "report.md").read_text(encoding="utf-8").replace(
@@ -41,6 +66,6 @@ def report(config: ReportConfig = ReportConfig(), prepare: StageRef | str | None
     create_markdown_artifact(key=artifact_key("report"), markdown=markdown, description="held-out bits per character and samples")
     metrics = read_manifest(ref.dir)["metrics"]
     create_table_artifact(key=artifact_key("report", "bpc"), table=[{"metric": k, "bits_per_char": v} for k, v in metrics.items()],
-                          description="bits per character on the validation splits")
+                          description="bits per character: test (never read in training) and validation splits")
     create_link_artifact(key=artifact_key("loss", "curves"), link=(ref.dir / "loss.png").as_uri(), link_text="loss curves (PNG)")
     return ref

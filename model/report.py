@@ -13,10 +13,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and workers
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 
 from model.checkpoint import load_model_from_checkpoint  # noqa: E402
-from model.train import evaluate, read_windows, resolve_device  # noqa: E402
+from model.shards import read_overlap  # noqa: E402
+from model.train import evaluate, read_windows, resolve_device, scored_chars  # noqa: E402
+
+HEADLINE_SPLIT = "test"  # never read in training, never chose a model
+EVAL_SPLITS = ("test", "val")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -50,25 +53,36 @@ def plot_losses(runs: dict[str, Path], out_png: Path) -> Path:
     return Path(out_png)
 
 
-def bits_per_char(checkpoint: Path, shards_dir: Path, device: str = "auto", batch_size: int = 64,
-                  max_windows: int | None = None) -> dict:
-    """Loss of a checkpoint on a validation split: nats/char, bits/char, perplexity."""
+def bits_per_char(checkpoint: Path, shards_dir: Path, split: str = HEADLINE_SPLIT, device: str = "auto",
+                  batch_size: int = 64) -> dict:
+    """Loss of a checkpoint on one split, every character scored once.
+
+    Returns nats/char, bits/char, perplexity, the windows read and `chars`: the exact
+    number of characters the figure covers.
+    """
     model, vocab, _ = load_model_from_checkpoint(checkpoint, resolve_device(device))
-    windows = read_windows(shards_dir, "val", vocab)
-    if max_windows and len(windows) > max_windows:
-        windows = windows[np.linspace(0, len(windows) - 1, max_windows).round().astype(np.int64)]
-    nats = evaluate(model, windows, batch_size=batch_size, device=next(model.parameters()).device)
-    return {"nats_per_char": nats, "bits_per_char": nats / math.log(2), "perplexity": math.exp(nats), "windows": len(windows)}
+    windows, overlap = read_windows(shards_dir, split, vocab), read_overlap(shards_dir, split)
+    nats = evaluate(model, windows, batch_size=batch_size, device=next(model.parameters()).device, overlap=overlap)
+    return {"nats_per_char": nats, "bits_per_char": nats / math.log(2), "perplexity": math.exp(nats),
+            "windows": len(windows), "chars": scored_chars(windows, overlap)}
 
 
-def render_report(scores: list[dict], samples: dict[float, list[str]], prompt: str, png_name: str) -> str:
-    lines = ["# recurrent-homer report", "", "## Held-out bits per character", "",
-             "| model | corpus | bits/char | nats/char | perplexity | windows |", "| --- | --- | --- | --- | --- | --- |"]
+def render_report(scores: list[dict], samples: dict[float, list[str]], prompt: str, png_name: str,
+                  provenance: list[str] | None = None) -> str:
+    """The report as markdown; `scores` has one row per (model, corpus) with `test` and `val` results."""
+    lines = ["# recurrent-homer report", "", "## Bits per character on held-out text", "",
+             "| model | corpus | test bits/char | test chars | val bits/char | val chars | test nats/char | test perplexity |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in scores:
-        lines.append(f"| {s['model']} | {s['corpus']} | {s['bits_per_char']:.4f} | {s['nats_per_char']:.4f} | "
-                     f"{s['perplexity']:.3f} | {s['windows']} |")
-    lines += ["", "Validation text is held out by document: no validation document is seen in training.", "",
-              f"## Samples of the fine-tuned model (prompt {prompt!r})", ""]
+        test, val = s["test"], s["val"]
+        lines.append(f"| {s['model']} | {s['corpus']} | {test['bits_per_char']:.4f} | {test['chars']:,} | "
+                     f"{val['bits_per_char']:.4f} | {val['chars']:,} | {test['nats_per_char']:.4f} | {test['perplexity']:.3f} |")
+    lines += ["", "Documents are split three ways by a hash of their id. Validation chose `best/` and early stopping; "
+              "test was never read in training, so the test column is the honest figure. Every character of a split "
+              "is scored once (a document's first character is context only).", ""]
+    if provenance:
+        lines += ["## What was compared", "", *[f"- {p}" for p in provenance], ""]
+    lines += [f"## Samples of the fine-tuned model (prompt {prompt!r})", ""]
     for temperature, texts in samples.items():
         lines.append(f"### temperature {temperature}")
         lines.append("")

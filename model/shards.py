@@ -1,12 +1,16 @@
 """Parquet sequence shards: write windows of token ids one shard at a time, read them back.
 
-A shard is `{split}-{i:05d}-of-{n:05d}.parquet` with one column `ids` of type
-`fixed_size_list<uint16>[seq_len + 1]` (x = ids[:-1], y = ids[1:]), zstd-compressed, and
-schema metadata naming the vocabulary fingerprint, seq_len, corpus and split.
+A shard is `{split}-{i:05d}-of-{n:05d}.parquet` with a column `ids` of type
+`fixed_size_list<uint16>[seq_len + 1]` (x = ids[:-1], y = ids[1:]) and a column `overlap`
+(uint32: how many leading targets of the window the window before it in the same
+document already holds; non-zero only for a document's last, end-aligned window, so an
+evaluation that skips them scores each character once), zstd-compressed, with schema
+metadata naming the vocabulary fingerprint, seq_len, corpus and split.
 
     with ShardWriter(out_dir, "train", seq_len=100, corpus="homer", vocab_fingerprint=fp) as w:
-        w.add(windows)                      # (N, seq_len + 1) uint16
+        w.add(windows, overlap)             # (N, seq_len + 1) uint16, (N,) overlap
     windows, meta = read_split(out_dir, "train")   # (N_total, seq_len + 1) uint16
+    overlap = read_overlap(out_dir, "train")       # (N_total,) uint32
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ class ShardWriter:
         self.rows_per_shard = rows_per_shard
         self.width = seq_len + 1
         self.schema = pa.schema(
-            [pa.field("ids", pa.list_(pa.uint16(), self.width))],
+            [pa.field("ids", pa.list_(pa.uint16(), self.width)), pa.field("overlap", pa.uint32())],
             metadata={
                 "vocab_fingerprint": vocab_fingerprint,
                 "seq_len": str(seq_len),
@@ -55,29 +59,37 @@ class ShardWriter:
             },
         )
         self._pending: list[np.ndarray] = []
+        self._pending_overlap: list[np.ndarray] = []
         self._pending_rows = 0
         self._partials: list[Path] = []
         self.rows = 0
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
-    def add(self, windows: np.ndarray) -> None:
+    def add(self, windows: np.ndarray, overlap: np.ndarray | None = None) -> None:
+        """Queue (N, seq_len + 1) windows; `overlap` (N,) defaults to none (every target scored)."""
         if windows.ndim != 2 or windows.shape[1] != self.width:
             raise ShardError(f"windows must be (N, {self.width}), got {windows.shape}")
         if not len(windows):
             return
+        overlap = np.zeros(len(windows), np.uint32) if overlap is None else np.asarray(overlap, dtype=np.uint32)
+        if overlap.shape != (len(windows),) or (overlap >= self.width).any():
+            raise ShardError(f"overlap must be (N,) = ({len(windows)},) values below {self.width}, got {overlap.shape}")
         self._pending.append(np.ascontiguousarray(windows, dtype=np.uint16))
+        self._pending_overlap.append(overlap)
         self._pending_rows += len(windows)
         while self._pending_rows >= self.rows_per_shard:
             self._flush(self.rows_per_shard)
 
     def _flush(self, rows: int) -> None:
         block = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]  # one copy at most
+        overlaps = np.concatenate(self._pending_overlap) if len(self._pending_overlap) > 1 else self._pending_overlap[0]
         head, rest = block[:rows], block[rows:]
         self._pending = [rest] if len(rest) else []
+        self._pending_overlap = [overlaps[rows:]] if len(rest) else []
         self._pending_rows = len(rest)
         values = pa.array(head.reshape(-1), type=pa.uint16())
         column = pa.FixedSizeListArray.from_arrays(values, self.width)
-        table = pa.Table.from_arrays([column], schema=self.schema)
+        table = pa.Table.from_arrays([column, pa.array(overlaps[:rows], type=pa.uint32())], schema=self.schema)
         path = self.out_dir / f".{self.split}-{len(self._partials):05d}.partial"
         # Byte-stream split + zstd: smaller and about twice as fast as dictionary encoding here.
         pq.write_table(table, path, compression="zstd", use_dictionary=False, use_byte_stream_split=True,
@@ -138,7 +150,7 @@ def read_split(shards_dir, split: str) -> tuple[np.ndarray, dict]:
     paths = list_shards(shards_dir, split)
     blocks, meta = [], None
     for path in paths:
-        table = pq.read_table(path)
+        table = pq.read_table(path, columns=["ids"])
         this = shard_metadata(path)
         if meta is None:
             meta = this
@@ -150,3 +162,13 @@ def read_split(shards_dir, split: str) -> tuple[np.ndarray, dict]:
     windows = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
     meta = dict(meta, rows=len(windows), shards=len(paths))
     return windows.astype(np.uint16, copy=False), meta
+
+
+def read_overlap(shards_dir, split: str) -> np.ndarray:
+    """(N,) uint32 per window of the split: leading targets already held by the window before it."""
+    blocks = []
+    for path in list_shards(shards_dir, split):
+        if "overlap" not in pq.read_schema(path).names:
+            raise ShardError(f"{path}: no `overlap` column (written by an older prepare); re-run the prepare stage")
+        blocks.append(pq.read_table(path, columns=["overlap"]).column("overlap").to_numpy().astype(np.uint32, copy=False))
+    return np.concatenate(blocks) if blocks else np.zeros(0, np.uint32)

@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat
 
 from model.checkpoint import check_compatible, load_checkpoint, read_state, resolve_checkpoint, save_checkpoint
 from model.network import CharRNN, ModelConfig, build_model
-from model.shards import ShardError, read_split
+from model.shards import ShardError, read_overlap, read_split
 from model.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -54,12 +54,12 @@ class TrainConfig(BaseModel):
 
     learning_rate: PositiveFloat = Field(1e-3, description="Adam learning rate during the constant epochs")
     batch_size: PositiveInt = Field(64, description="windows per optimizer step")
-    epochs: PositiveInt = Field(10, description="passes over the training windows")
+    epochs: PositiveInt = Field(50, description="passes over the training windows (at most; early stopping may end sooner)")
     max_steps: PositiveInt | None = Field(None, description="stop after this many optimizer steps in all (a step budget)")
-    constant_epochs: NonNegativeInt = Field(10, description="epochs at the full rate; each later epoch multiplies it by exp(-0.1)")
+    constant_epochs: NonNegativeInt = Field(5, description="epochs at the full rate (0-based epochs 0 .. constant_epochs-1); each later epoch multiplies it by exp(-0.1)")
     grad_clip: PositiveFloat = Field(5.0, description="clip the global gradient norm to this")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA when supported, else fp32; bf16/fp16 need CUDA (fp16 uses a GradScaler)")
+        "auto", description="auto: fp32 (with TF32 matmuls on CUDA when allow_tf32); bf16/fp16 autocast need CUDA (fp16 uses a GradScaler)")
     allow_tf32: bool = Field(True, description="let CUDA matmuls and cuDNN use TF32 for fp32 math")
     device: str = Field("auto", description="torch device (cpu, cuda, cuda:1, ...); auto picks cuda when available")
     eval_every_steps: NonNegativeInt = Field(0, description="validate every this many steps too; 0 = only at epoch end")
@@ -81,6 +81,19 @@ class TrainConfig(BaseModel):
             except RuntimeError as exc:
                 raise ValueError(f"not a torch device: {exc}") from None
         return value
+
+
+class FinetuneTrainConfig(TrainConfig):
+    """The published fine-tuning recipe as defaults: a fresh Adam at 1e-5 for the first 4
+    epochs, then x exp(-0.1) per epoch, up to 50 epochs, early stopping.
+
+    A class of its own, not a factory: a partial override (`--set`, a YAML file, a
+    deployment's parameters, the UI's form) fills the fields it leaves out from these
+    defaults, never from the pretraining recipe.
+    """
+
+    learning_rate: PositiveFloat = Field(1e-5, description="Adam learning rate during the constant epochs (low: keep what pretraining learned)")
+    constant_epochs: NonNegativeInt = Field(4, description="epochs at the full rate (0-based epochs 0 .. constant_epochs-1); each later epoch multiplies it by exp(-0.1)")
 
 
 class TrainingStopped(Exception):
@@ -137,9 +150,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
+    """The autocast dtype, or None for plain fp32.
+
+    `auto` is fp32 everywhere (TF32 on CUDA through allow_tf32): bf16 autocast stays an
+    explicit choice until a GPU run has shown it reaches the fp32 loss, faster.
+    """
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        return None
     if precision != "fp32" and device.type != "cuda":
         raise ValueError(f"precision={precision} needs a CUDA device (mixed precision runs on CUDA only); "
                          f"use precision=auto or fp32 on {device}")
@@ -165,18 +182,33 @@ def batch_loss(model: CharRNN, batch: torch.Tensor, amp: torch.dtype | None, red
     return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction=reduction)
 
 
+def scored_chars(windows: np.ndarray, overlap: np.ndarray | None = None) -> int:
+    """How many targets an evaluation of these windows scores: each character once."""
+    return int(windows.shape[0] * (windows.shape[1] - 1) - (0 if overlap is None else overlap.sum(dtype=np.int64)))
+
+
 @torch.no_grad()
 def evaluate(model: CharRNN, windows: np.ndarray, *, batch_size: int, device: torch.device,
-             amp: torch.dtype | None = None) -> float:
-    """Mean loss over all windows, nats/char."""
+             amp: torch.dtype | None = None, overlap: np.ndarray | None = None) -> float:
+    """Mean loss in nats/char over every scored target.
+
+    windows (N, T + 1); overlap (N,) skips each window's leading targets that an earlier
+    window of its document already scored, so every character counts once.
+    """
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
+    positions = torch.arange(windows.shape[1] - 1, device=device)  # (T,)
     for i in range(0, len(windows), batch_size):
         batch = torch.from_numpy(windows[i:i + batch_size].astype(np.int64)).to(device)  # (B, T + 1)
-        total += batch_loss(model, batch, amp, reduction="sum")
+        if overlap is None:
+            total += batch_loss(model, batch, amp, reduction="sum")
+            continue
+        skip = torch.from_numpy(overlap[i:i + batch_size].astype(np.int64)).to(device)  # (B,)
+        losses = batch_loss(model, batch, amp, reduction="none").view(len(batch), -1)  # (B, T)
+        total += losses.masked_fill(positions[None, :] < skip[:, None], 0.0).sum(dtype=torch.float64)
     model.train(was_training)
-    return total.item() / (len(windows) * (windows.shape[1] - 1))
+    return total.item() / scored_chars(windows, overlap)
 
 
 class _Stopwatch:
@@ -260,9 +292,12 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, o
             log.info("%s holds a finished run (step %d); not training again", out_dir, saved["step"])
             return _result(saved, saved["step"])
 
+    # Training reads train and val only: the test split never chooses a model.
     train_w, val_w = read_windows(shards_dir, "train", vocab), read_windows(shards_dir, "val", vocab)
+    val_overlap = read_overlap(shards_dir, "val")
     if cfg.max_val_windows is not None and len(val_w) > cfg.max_val_windows:
-        val_w = val_w[np.linspace(0, len(val_w) - 1, cfg.max_val_windows).round().astype(np.int64)]
+        keep = np.linspace(0, len(val_w) - 1, cfg.max_val_windows).round().astype(np.int64)
+        val_w, val_overlap = val_w[keep], val_overlap[keep]
     device = resolve_device(cfg.device)
     amp = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
@@ -342,7 +377,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, o
         """Evaluate, keep best/, count patience; returns the eval entry."""
         flush()
         with clock.paused():
-            loss = evaluate(model, val_w, batch_size=4 * cfg.batch_size, device=device, amp=amp)
+            loss = evaluate(model, val_w, batch_size=4 * cfg.batch_size, device=device, amp=amp, overlap=val_overlap)
         improved = m["best_val_loss"] is None or loss < m["best_val_loss"]
         m.update(last_val_loss=loss, last_eval_step=run["step"], bad_evals=0 if improved else m["bad_evals"] + 1)
         if improved:

@@ -105,7 +105,7 @@ def prepare_task(config: PrepareConfig, inputs: dict[str, StageRef], root: str |
         shards = {}
         for name in corpora:
             shards[name] = write_shards(tmp / "corpora" / f"{name}.parquet", vocab, tmp / "shards" / name, name, config)
-            log.info("%s: %d train / %d val windows", name, shards[name]["train"]["windows"], shards[name]["val"]["windows"])
+            log.info("%s: %d train / %d val / %d test windows", name, *(shards[name][s]["windows"] for s in ("train", "val", "test")))
         counts = {
             "vocab_size": vocab.size,
             "vocab_fingerprint": vocab.fingerprint,

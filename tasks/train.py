@@ -207,19 +207,27 @@ def pretrain_task(config, inputs: dict[str, StageRef], root: str) -> StageRef:
 @task(name="finetune", cache_key_fn=stage_cache_key("finetune"), persist_result=True, retries=1,
       retry_delay_seconds=2, retry_condition_fn=_retry_unless_final)
 def finetune_task(config, inputs: dict[str, StageRef], root: str) -> StageRef:
-    start = inputs["init"]
-    checkpoint = start.dir / "best" if (start.dir / "best").is_dir() else start.dir
+    checkpoint = best_checkpoint(inputs["init"])
     model_config = ModelConfig.model_validate(read_state(checkpoint)["model_config"])
     return train_stage("finetune", config=config, model_config=model_config, train_config=config.train,
                        prepare=inputs["prepare"], corpus="simpsons", inputs=inputs, root=root, init_from=checkpoint)
 
 
+def best_checkpoint(ref: StageRef) -> Path:
+    """The checkpoint a model input stands for: a training output's best/, or a bare checkpoint directory."""
+    return ref.dir / "best" if (ref.dir / "best").is_dir() else ref.dir
+
+
 @task(name="report", cache_key_fn=stage_cache_key("report"), persist_result=True)
 def report_task(config, inputs: dict[str, StageRef], root: str) -> StageRef:
-    """Bits per character of both models on both validation splits, samples, loss curves."""
+    """Bits per character of both models on both corpora (test and val), samples, loss curves.
+
+    `inputs` belong together (flows/report.py checks it): the fine-tune output, the
+    model it started from and the prepare output it was fine-tuned on.
+    """
     from model.checkpoint import load_model_from_checkpoint
     from model.generate import generate
-    from model.report import bits_per_char, plot_losses, render_report
+    from model.report import EVAL_SPLITS, bits_per_char, plot_losses, render_report
     from model.store import staging
 
     stage, root = "report", data_root(root)
@@ -232,16 +240,39 @@ def report_task(config, inputs: dict[str, StageRef], root: str) -> StageRef:
         scores = []
         for model_name in ("pretrain", "finetune"):
             for corpus in ("wikipedia", "simpsons"):
-                score = bits_per_char(inputs[model_name].dir / "best", prepare.dir / "shards" / corpus)
-                scores.append({"model": model_name, "corpus": corpus, **score})
-        model, vocab, _ = load_model_from_checkpoint(inputs["finetune"].dir / "best")
+                row = {"model": model_name, "corpus": corpus}
+                for split in EVAL_SPLITS:
+                    row[split] = bits_per_char(best_checkpoint(inputs[model_name]), prepare.dir / "shards" / corpus, split)
+                scores.append(row)
+        model, vocab, _ = load_model_from_checkpoint(best_checkpoint(inputs["finetune"]))
         samples = {t: generate(model, vocab, prompt=config.prompt, length=config.length, num_samples=config.num_samples,
                                temperature=t, seed=config.seed) for t in config.temperatures}
-        plot_losses({"pretrain": inputs["pretrain"].dir / "metrics.jsonl", "finetune": inputs["finetune"].dir / "metrics.jsonl"},
-                    tmp / "loss.png")
-        markdown = render_report(scores, samples, config.prompt, "loss.png")
+        runs = {name: inputs[name].dir / "metrics.jsonl" for name in ("pretrain", "finetune")}
+        plot_losses({name: path for name, path in runs.items() if path.is_file()}, tmp / "loss.png")
+        provenance = [f"fine-tuned model: `{inputs['finetune'].path}` (best/)",
+                      f"pretrained model it started from: `{best_checkpoint(inputs['pretrain'])}`",
+                      f"data it was fine-tuned on (both corpora scored here): `{prepare.path}`"]
+        pretrained_on = _trained_on(inputs["pretrain"])
+        if pretrained_on not in (None, prepare.fingerprint):
+            provenance.append(f"warning: the pretrained model was trained on prepare {pretrained_on}, not {prepare.fingerprint}; "
+                              f"its wikipedia figures may include text it trained on")
+            get_run_logger().warning("%s", provenance[-1])
+        markdown = render_report(scores, samples, config.prompt, "loss.png", provenance)
         (tmp / "report.md").write_text(markdown, encoding="utf-8")
         (tmp / "samples.json").write_text(json.dumps({str(t): s for t, s in samples.items()}, indent=1, ensure_ascii=False))
-        metrics = {f"{s['model']}_{s['corpus']}_bpc": round(s["bits_per_char"], 4) for s in scores}
-        write_manifest(tmp, manifest_for(stage, fp, config, inputs, {"samples": sum(map(len, samples.values()))}, metrics))
+        metrics = {f"{s['model']}_{s['corpus']}_{split}_bpc": round(s[split]["bits_per_char"], 4)
+                   for split in EVAL_SPLITS for s in scores}  # the headline (test) figures first
+        counts = {f"{s['model']}_{s['corpus']}_{split}_chars": s[split]["chars"] for s in scores for split in EVAL_SPLITS}
+        counts["samples"] = sum(map(len, samples.values()))
+        manifest = manifest_for(stage, fp, config, inputs, counts, metrics)
+        manifest["scores"] = scores
+        write_manifest(tmp, manifest)
     return StageRef(stage=stage, fingerprint=fp, path=str(out))
+
+
+def _trained_on(model_ref: StageRef) -> str | None:
+    """The prepare fingerprint a training output was trained on; None for a bare checkpoint."""
+    try:
+        return model_ref.manifest()["inputs"]["prepare"]["fingerprint"]
+    except (StoreError, KeyError):
+        return None

@@ -55,3 +55,81 @@ def test_bad_profile_and_bad_file(tmp_path):
         load_config("default", bad)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config("default", tmp_path / "missing.yaml")
+
+
+# ------------------------------------------------------------ each stage keeps its own recipe
+
+PRETRAIN_RECIPE = {"learning_rate": 1e-3, "batch_size": 64, "epochs": 50, "constant_epochs": 5, "grad_clip": 5.0}
+FINETUNE_RECIPE = {"learning_rate": 1e-5, "batch_size": 64, "epochs": 50, "constant_epochs": 4, "grad_clip": 5.0}
+
+
+def _assert_finetune_recipe(train, batch_size=32):
+    assert {k: getattr(train, k) for k in FINETUNE_RECIPE} == {**FINETUNE_RECIPE, "batch_size": batch_size}
+    assert train.early_stopping_patience is not None and train.precision == "auto"
+
+
+def test_published_recipe_is_the_default():
+    cfg = PipelineConfig()
+    assert {k: getattr(cfg.pretrain.train, k) for k in PRETRAIN_RECIPE} == PRETRAIN_RECIPE
+    assert {k: getattr(cfg.finetune.train, k) for k in FINETUNE_RECIPE} == FINETUNE_RECIPE
+    assert cfg.pretrain.model.dropout == 0.5 and cfg.pretrain.train.early_stopping_patience is not None
+    assert cfg.prepare.val_fraction == 0.1 and cfg.prepare.test_fraction == 0.1
+
+
+def test_partial_override_by_set_keeps_the_finetune_recipe():
+    cfg = load_config("default", None, ["finetune.train.batch_size=32"])
+    _assert_finetune_recipe(cfg.finetune.train)
+    assert {k: getattr(cfg.pretrain.train, k) for k in PRETRAIN_RECIPE} == PRETRAIN_RECIPE
+    other = load_config("default", None, ["pretrain.train.epochs=7"])
+    assert other.pretrain.train.epochs == 7 and other.pretrain.train.learning_rate == 1e-3
+    assert {k: getattr(other.finetune.train, k) for k in FINETUNE_RECIPE} == FINETUNE_RECIPE
+
+
+def test_partial_override_by_config_file_keeps_the_finetune_recipe(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("finetune:\n  train:\n    batch_size: 32\n")
+    _assert_finetune_recipe(load_config("default", path).finetune.train)
+
+
+def test_partial_deployment_parameters_keep_the_finetune_recipe():
+    """What a deployment run, the UI's form or `prefect deployment run --params` sends, validated as Prefect does."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.finetune import finetune
+    from flows.pipeline import homer_pipeline
+
+    params = finetune.validate_parameters({"config": {"train": {"batch_size": 32}}})
+    _assert_finetune_recipe(params["config"].train)
+    params = homer_pipeline.validate_parameters({"config": {"finetune": {"train": {"batch_size": 32}}}})
+    _assert_finetune_recipe(params["config"].finetune.train)
+    assert params["config"].pretrain.train.learning_rate == 1e-3
+    # the run form shows the fine-tuning defaults, not the pretraining ones
+    schema = parameter_schema(finetune).model_dump_for_openapi()
+    definitions = schema.get("definitions") or schema.get("$defs")
+    train_schema = next(d for name, d in definitions.items() if name.startswith("Finetune") and "learning_rate" in d["properties"])
+    assert train_schema["properties"]["learning_rate"]["default"] == 1e-5
+    assert train_schema["properties"]["constant_epochs"]["default"] == 4
+
+
+def test_serve_stored_overrides_keep_the_finetune_recipe():
+    from flows.serve import deployment_specs
+
+    specs = {s["name"]: s for s in deployment_specs(load_config("default", None, ["finetune.train.batch_size=32"]))}
+    assert specs["finetune"]["parameters"] == {"config": {"train": {"batch_size": 32}}}
+    assert specs["pretrain"]["parameters"] == {}
+    _assert_finetune_recipe(specs["finetune"]["flow"].validate_parameters(specs["finetune"]["parameters"])["config"].train)
+    scheduled = specs["scheduled"]
+    _assert_finetune_recipe(scheduled["flow"].validate_parameters(scheduled["parameters"])["config"].finetune.train)
+
+
+def test_config_command_prints_the_finetune_recipe():
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["config", "--json", "--set", "finetune.train.batch_size=32"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    train = json.loads(result.output)["finetune"]["train"]
+    assert (train["learning_rate"], train["constant_epochs"], train["epochs"], train["batch_size"]) == (1e-5, 4, 50, 32)

@@ -122,11 +122,11 @@ def test_prepare_recomputes_only_when_its_config_changes(tmp_path, data_dir, sma
     from flows.prepare import prepare
 
     wiki, simp = _prepare_inputs(tmp_path, data_dir, small_csv)
-    first = prepare(PrepareConfig(seq_len=40, lines_per_doc=30))  # no inputs given: the latest of each ingest
+    first = prepare(PrepareConfig(seq_len=40, lines_per_doc=8))  # no inputs given: the latest of each ingest
     assert read_manifest(first.dir)["inputs"]["wikipedia"]["fingerprint"] == wiki.fingerprint
-    same = prepare(PrepareConfig(seq_len=40, lines_per_doc=30), wiki.fingerprint, simp.path)
+    same = prepare(PrepareConfig(seq_len=40, lines_per_doc=8), wiki.fingerprint, simp.path)
     assert same == first
-    other = prepare(PrepareConfig(seq_len=30, lines_per_doc=30))
+    other = prepare(PrepareConfig(seq_len=30, lines_per_doc=8))
     assert other.fingerprint != first.fingerprint and latest(data_dir, "prepare") == other
     assert first.dir.is_dir() and other.dir.is_dir()
 
@@ -136,7 +136,7 @@ def test_two_runs_at_once_leave_one_intact_output(tmp_path, data_dir, small_csv)
     from model.shards import read_split
 
     _prepare_inputs(tmp_path, data_dir, small_csv)
-    results = run_twice_at_once(lambda: prepare(PrepareConfig(seq_len=20, lines_per_doc=30)))
+    results = run_twice_at_once(lambda: prepare(PrepareConfig(seq_len=20, lines_per_doc=8)))
     assert results[0] == results[1]
     stage_dir = data_dir / "prepare"
     assert sorted(p.name for p in stage_dir.iterdir() if not p.name.endswith(".lock")) == sorted([results[0].fingerprint, "latest"])

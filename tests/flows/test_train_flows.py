@@ -195,3 +195,37 @@ def test_two_runs_of_the_same_training_stage_leave_one_output(data_dir):
     assert results[0] == results[1]
     assert read_manifest(results[0].dir)["counts"]["steps"] == 8
     load_model_from_checkpoint(results[0].dir / "best")
+
+
+def test_report_scores_the_models_and_data_that_belong_together(data_dir):
+    """Test-split figures for both models; the report follows the finetune manifest, not each stage's latest."""
+    from flows.pipeline import homer_pipeline
+    from flows.pretrain import pretrain
+    from flows.report import report
+    from model.store import StoreError
+
+    refs = homer_pipeline(load_config("sample", None, TINY))
+    manifest = read_manifest(refs["report"].dir)
+    prepared = read_manifest(refs["prepare"].dir)["counts"]["shards"]
+    for model in ("pretrain", "finetune"):
+        for corpus in ("wikipedia", "simpsons"):
+            for split in ("test", "val"):
+                assert 0 < manifest["metrics"][f"{model}_{corpus}_{split}_bpc"] < 10
+                assert manifest["counts"][f"{model}_{corpus}_{split}_chars"] == prepared[corpus][split]["scored_chars"] > 0
+    assert prepared["simpsons"]["test"]["documents"] > 0 and "test bits/char" in (refs["report"].dir / "report.md").read_text()
+
+    # A newer pretrain becomes latest; a report of the latest finetune still compares the model it started from.
+    other = pretrain(load_config("sample", None, TINY + ["pretrain.train.seed=5"]).pretrain)
+    assert latest(data_dir, "pretrain") == other != refs["pretrain"]
+    again = report(load_config("sample", None, TINY + ["report.seed=1"]).report)
+    assert read_manifest(again.dir)["inputs"]["pretrain"]["fingerprint"] == refs["pretrain"].fingerprint
+    assert read_manifest(again.dir)["inputs"]["prepare"]["fingerprint"] == refs["prepare"].fingerprint
+    with pytest.raises(StoreError, match=f"do not belong together.*pretrain={other.fingerprint}"):
+        report(load_config("sample", None, TINY).report, pretrain=other.fingerprint)
+
+    # With finetune.init_from set, the pipeline runs no pretraining that nothing would use.
+    before = sorted(p.name for p in (data_dir / "pretrain").iterdir())
+    started = homer_pipeline(load_config("sample", None, TINY + [f"finetune.init_from={other.fingerprint}",
+                                                                  "pretrain.train.seed=9"]))
+    assert "pretrain" not in started and sorted(p.name for p in (data_dir / "pretrain").iterdir()) == before
+    assert read_manifest(started["report"].dir)["inputs"]["pretrain"]["fingerprint"] == other.fingerprint

@@ -14,11 +14,12 @@ TEXT = "D'oh! Mmm... donuts. Woo-hoo! Why you little...! "
 
 
 def _write_shards(shards_dir, vocab, train_text: str, val_text: str, seq_len: int = 16, rows_per_shard: int = 64):
-    for split, text in (("train", train_text), ("val", val_text)):
+    for split, text in (("train", train_text), ("val", val_text), ("test", val_text)):
         with ShardWriter(shards_dir, split, seq_len=seq_len, corpus="test", vocab_fingerprint=vocab.fingerprint,
                          rows_per_shard=rows_per_shard) as w:
             ids = vocab.encode(text)
-            w.add(windows_of(ids, np.array([len(ids)]), seq_len)[0])  # one document
+            windows, _, overlap = windows_of(ids, np.array([len(ids)]), seq_len)  # one document
+            w.add(windows, overlap)
     return shards_dir
 
 

@@ -12,20 +12,23 @@ from model.prepare import (
     corpus_char_counts,
     decode_shards,
     group_lines,
-    is_validation,
+    split_of,
     windows_of,
     write_corpus,
     write_shards,
 )
-from model.shards import read_split
+from model.shards import read_overlap, read_split
+from model.train import scored_chars
 from model.vocab import build_vocab
 
 
 def test_windows_cover_each_document_and_skip_short_ones():
     ids = np.arange(30, dtype=np.uint16)
     lengths = np.array([12, 3, 15])  # doc 2 starts at 15
-    w, doc_of = windows_of(ids, lengths, seq_len=5)
+    w, doc_of, overlap = windows_of(ids, lengths, seq_len=5)
     assert doc_of.tolist() == [0, 0, 0, 2, 2, 2]
+    # the 12-char document's last window starts at 6: its targets 7-10 were the window before's (6-10)
+    assert overlap.tolist() == [0, 0, 4, 0, 0, 1]
     assert w.shape == (3 + 3, 6)
     assert w[0].tolist() == [0, 1, 2, 3, 4, 5] and w[1].tolist() == [5, 6, 7, 8, 9, 10]
     assert w[2].tolist() == [6, 7, 8, 9, 10, 11]  # aligned to the end of the 12-char document
@@ -40,10 +43,17 @@ def test_group_lines():
 
 def test_split_is_by_document_and_stable():
     ids = [f"d{i}" for i in range(2000)]
-    val = is_validation(ids, 0.1, "homer")
-    assert 0.07 < val.mean() < 0.13
-    assert np.array_equal(val[:100], is_validation(ids[:100], 0.1, "homer"))
-    assert not np.array_equal(val, is_validation(ids, 0.1, "other"))
+    split = split_of(ids, 0.1, 0.1, "homer")
+    assert 0.07 < (split == 1).mean() < 0.13 and 0.07 < (split == 2).mean() < 0.13
+    assert np.array_equal(split[:100], split_of(ids[:100], 0.1, 0.1, "homer"))
+    assert not np.array_equal(split, split_of(ids, 0.1, 0.1, "other"))
+    # the validation documents do not depend on the test fraction
+    assert np.array_equal(split == 1, split_of(ids, 0.1, 0.3, "homer") == 1)
+
+
+def test_fractions_must_leave_documents_to_train_on():
+    with pytest.raises(ValueError, match="val_fraction \\+ test_fraction"):
+        PrepareConfig(val_fraction=0.5, test_fraction=0.5)
 
 
 def _corpus(tmp_path, n_docs=60):
@@ -58,17 +68,21 @@ def _corpus(tmp_path, n_docs=60):
 def test_shards_decode_back_to_the_corpus_text(tmp_path):
     docs, path = _corpus(tmp_path)
     vocab = build_vocab(corpus_char_counts(path))
-    cfg = PrepareConfig(seq_len=16, val_fraction=0.2, rows_per_shard=13)
+    cfg = PrepareConfig(seq_len=16, val_fraction=0.2, test_fraction=0.2, rows_per_shard=13)
     stats = write_shards(path, vocab, tmp_path / "shards", "toy", cfg)
     assert stats["oov_rate"] == 0.0 and stats["train"]["shards"] > 1
-    val = is_validation([d for d, _ in docs], cfg.val_fraction, cfg.split_salt)
-    for split, mask in (("train", ~val), ("val", val)):
+    assignment = split_of([d for d, _ in docs], cfg.val_fraction, cfg.test_fraction, cfg.split_salt)
+    for index, split in enumerate(("train", "val", "test")):
+        mask = assignment == index
         windows, meta = read_split(tmp_path / "shards", split)
         assert meta["vocab_fingerprint"] == vocab.fingerprint and meta["corpus"] == "toy"
         texts = [t for (_, t), m in zip(docs, mask) if m]
         decoded = decode_shards(windows, [len(t) for t in texts], vocab, cfg.seq_len)
         assert decoded == [t for t in texts if len(t) > cfg.seq_len]
         assert stats[split]["windows"] == len(windows)
+        # each character of a kept document is scored once: every one but the document's first
+        overlap = read_overlap(tmp_path / "shards", split)
+        assert scored_chars(windows, overlap) == stats[split]["scored_chars"] == sum(len(t) - 1 for t in texts if len(t) > cfg.seq_len)
     assert pq.read_table(path).column_names == ["doc_id", "text"]
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from model.checkpoint import CheckpointError, load_model_from_checkpoint, read_state
 from model.network import ModelConfig
-from model.shards import ShardError
+from model.shards import ShardError, read_overlap
 from model.train import (NonFiniteLossError, TrainCallbacks, TrainConfig, TrainingStopped, _parse_overrides, evaluate,
                          lr_at_epoch, read_windows, train)
 from model.vocab import build_vocab, count_chars
@@ -109,7 +109,8 @@ def test_early_stopping_keeps_best(tmp_path, tiny_model_config, write_shards):
     assert best["metrics"]["best_val_loss"] == result.best_val_loss < result.last_val_loss
     model, _, _ = load_model_from_checkpoint(tmp_path / "run" / "best")
     val = read_windows(shards, "val", vocab)
-    assert evaluate(model, val, batch_size=32, device=torch.device("cpu")) == pytest.approx(result.best_val_loss, rel=1e-6)
+    assert evaluate(model, val, batch_size=32, device=torch.device("cpu"), overlap=read_overlap(shards, "val")) == pytest.approx(
+        result.best_val_loss, rel=1e-6)
 
 
 def test_nonfinite_loss_raises_and_keeps_last_good_checkpoint(tmp_path, corpus, tiny_model_config):
@@ -213,3 +214,36 @@ def test_sigkill_and_restart_gives_bit_identical_weights(tmp_path, corpus, tiny_
     assert reference.returncode == 0
     _assert_same_weights(tmp_path / "reference" / "last", tmp_path / "killed" / "last")
     assert _metric_lines(tmp_path / "reference") == _metric_lines(tmp_path / "killed")
+
+
+def test_evaluation_scores_each_character_once(tiny_model_config):
+    """A document's last, end-aligned window overlaps the one before: its repeated targets are skipped."""
+    from model.network import build_model
+    from model.prepare import windows_of
+    from model.train import scored_chars
+
+    text = "Mmm... doughnuts. Is there anything they can't do?"  # 50 characters
+    vocab = build_vocab(count_chars([text]))
+    windows, _, overlap = windows_of(vocab.encode(text), torch.tensor([len(text)]).numpy(), seq_len=16)
+    assert overlap.tolist() == [0, 0, 0, 15] and scored_chars(windows, overlap) == len(text) - 1
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config, vocab.size).eval()
+    batch = torch.from_numpy(windows.astype("int64"))  # (W, T + 1)
+    with torch.no_grad():
+        logits, _ = model(batch[:, :-1])  # (W, T, V)
+        per_target = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none").view(4, 16)
+    once = torch.cat([per_target[:3].flatten(), per_target[3, 15:]]).double().mean().item()
+    got = evaluate(model, windows, batch_size=3, device=torch.device("cpu"), overlap=overlap)
+    assert got == pytest.approx(once, rel=1e-6)
+    assert evaluate(model, windows, batch_size=3, device=torch.device("cpu")) != pytest.approx(once, rel=1e-6)
+
+
+def test_auto_precision_is_fp32_on_every_device():
+    """bf16 stays an explicit choice until a GPU run shows it reaches the fp32 loss, faster."""
+    from model.train import resolve_precision
+
+    assert TrainConfig().precision == "auto"
+    assert resolve_precision("auto", torch.device("cpu")) is None
+    assert resolve_precision("auto", torch.device("cuda")) is None
+    assert resolve_precision("bf16", torch.device("cuda")) is torch.bfloat16
+    assert resolve_precision("fp16", torch.device("cuda")) is torch.float16
