@@ -19,12 +19,16 @@ from typing import List, Optional
 import typer
 import yaml
 
-from flows.config import ConfigError, PipelineConfig, load_config
+# A cold temporary server (first run, migrations, a busy 2-core machine) can take longer than Prefect's 20 s.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+from flows.config import ConfigError, GenerateConfig, PipelineConfig, load_config
 from model.store import StageRef, data_root, read_manifest
+from tasks.stages import STAGES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Teach a character-level RNN to talk like Homer Simpson.")
 
-ProfileOpt = typer.Option("default", "--profile", "-p", help="default (the published recipe) or sample (bundled data, small model)")
+ProfileOpt = typer.Option("default", "--profile", "-p", help="default (the published recipe, for a GPU), cpu (a few MB, about 30 min on a laptop CPU) or sample (bundled data, small model)")
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file with config overrides")
 SetOpt = typer.Option(None, "--set", "-s", help="override one field: dotted.key=value (repeatable)")
 DataDirOpt = typer.Option(None, "--data-dir", help="artifact root (default: $HOMER_DATA_DIR or ./data)")
@@ -69,13 +73,56 @@ def summarise(refs: dict[str, StageRef], seconds: float) -> str:
     return "\n".join(lines)
 
 
-def _run(fn, refs_of, *args):
+VERBOSE = {"on": False}
+
+
+@app.callback()
+def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help="print tracebacks of failures (they are always in the Prefect run's logs)")) -> None:
+    VERBOSE["on"] = verbose
+    if not verbose:
+        _quiet_console()
+
+
+class _NoFailureNoise:
+    """A console filter: failures are said once, by the CLI's `error:` line; the run's logs keep the traceback."""
+
+    def filter(self, record) -> bool:
+        if record.levelno >= 40:  # ERROR: "Encountered exception ..." with its traceback
+            return False
+        return not record.getMessage().startswith("Finished in state Failed")
+
+
+def _quiet_console() -> None:
+    import logging
+
+    import prefect.main  # noqa: F401  (configures Prefect's logging now, so its console handlers exist; later set-ups are incremental)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler) and not any(isinstance(f, _NoFailureNoise) for f in handler.filters):
+                handler.addFilter(_NoFailureNoise())
+
+
+def fail(exc: BaseException, code: int = 1):
+    """Print one `error:` line for a failure (and the traceback with --verbose), then exit with `code`."""
+    import traceback
+
+    if VERBOSE["on"]:
+        traceback.print_exception(exc)
+    ours = type(exc).__module__.split(".")[0] in ("model", "flows", "tasks")
+    message = " ".join(str(exc).split()) if ours else f"{type(exc).__name__}: {exc}"
+    hint = "" if VERBOSE["on"] or ours else " (run with --verbose for the traceback)"
+    typer.echo(f"error: {message}{hint}", err=True)
+    raise typer.Exit(code) from None
+
+
+def _run(fn, refs_of, *args, **kwargs):
     started = time.monotonic()
     try:
-        result = fn(*args)
-    except Exception as exc:  # the flow already logged the traceback; say what failed in one line
-        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
-        raise typer.Exit(1) from None
+        result = fn(*args, **kwargs)
+    except Exception as exc:
+        fail(exc)
     typer.echo(summarise(refs_of(result), time.monotonic() - started))
     return result
 
@@ -100,24 +147,18 @@ def run(profile: str = ProfileOpt, config: Optional[Path] = ConfigOpt, set_: Opt
             typer.echo(f"  [t={temperature}] {' / '.join(text.splitlines())}")
 
 
-STAGES = ("ingest-wikipedia", "ingest-simpsons", "prepare", "pretrain", "finetune", "report")
-UPSTREAM = {  # the inputs each stage takes with --input
-    "ingest-wikipedia": (), "ingest-simpsons": (), "prepare": ("ingest-wikipedia", "ingest-simpsons"),
-    "pretrain": ("prepare",), "finetune": ("prepare", "pretrain"), "report": ("prepare", "pretrain", "finetune"),
-}
-
-
 def _inputs(stage: str, items: List[str]) -> dict[str, str]:
-    """--input STAGE=FINGERPRINT|PATH items, checked against what the stage takes."""
+    """--input STAGE=FINGERPRINT|PATH items -> the flow's parameters, checked against what the stage takes."""
+    takes = {upstream: param for param, upstream in STAGES[stage].inputs.items()}
     given, problems = {}, []
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not value:
             problems.append(f"--input {item!r}: expected STAGE=FINGERPRINT|PATH")
-        elif key not in UPSTREAM[stage]:
-            problems.append(f"--input {item!r}: {stage} takes {', '.join(UPSTREAM[stage]) or 'no inputs'}")
+        elif key not in takes:
+            problems.append(f"--input {item!r}: {stage} takes {', '.join(takes) or 'no inputs'}")
         else:
-            given[key] = value
+            given[takes[key]] = value
     if problems:
         typer.echo("error: " + "\n  ".join(problems), err=True)
         raise typer.Exit(2)
@@ -139,64 +180,68 @@ def stage(
         raise typer.Exit(2)
     cfg = _config(profile, config, set_)
     _apply_data_dir(data_dir)
-    root = str(data_root())
+    spec = STAGES[name]
     given = _inputs(name, input_ or [])
-    if name == "ingest-wikipedia":
-        from flows.ingest_wikipedia import ingest_wikipedia as fn
-        args = (cfg.wikipedia, root)
-    elif name == "ingest-simpsons":
-        from flows.ingest_simpsons import ingest_simpsons as fn
-        args = (cfg.simpsons, root)
-    elif name == "prepare":
-        from flows.prepare import prepare as fn
-        args = (cfg.prepare, given.get("ingest-wikipedia"), given.get("ingest-simpsons"), root)
-    elif name == "pretrain":
-        from flows.pretrain import pretrain as fn
-        args = (cfg.pretrain, given.get("prepare"), root)
-    elif name == "finetune":
-        from flows.finetune import finetune as fn
-        args = (cfg.finetune, given.get("prepare"), given.get("pretrain"), root)
-    else:
-        from flows.report import report as fn
-        args = (cfg.report, given.get("prepare"), given.get("pretrain"), given.get("finetune"), root)
-    ref = _run(fn, lambda ref: {name: ref}, *args)
+    ref = _run(spec.load_flow(), lambda ref: {name: ref}, getattr(cfg, spec.section), **given, data_dir=str(data_root()))
     if name == "report":
         typer.echo("\n" + (ref.dir / "report.md").read_text(encoding="utf-8"))
 
 
+def options_from(model_cls, short: dict[str, str] | None = None):
+    """A decorator giving a command one --option per field of a pydantic model (default and help from the field).
+
+    The settings are declared once, in the model; the command receives them as `settings`,
+    a dict of the options given, and validates them with the model.
+    """
+    import inspect
+
+    short = short or {}
+
+    def decorate(fn):
+        own = [p for p in inspect.signature(fn).parameters.values() if p.name != "settings"]
+        fields = []
+        for name, field in model_cls.model_fields.items():
+            flag = "--" + name.replace("_", "-")
+            decls = [flag, short[name]] if name in short else [flag]
+            if field.annotation is bool:
+                decls = [f"{flag}/--no-{flag[2:]}"]
+            fields.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=field.annotation,
+                                            default=typer.Option(field.default, *decls, help=field.description)))
+
+        def command(**kwargs):
+            settings = {name: kwargs.pop(name) for name in model_cls.model_fields}
+            return fn(settings=settings, **kwargs)
+
+        command.__signature__ = inspect.Signature(fields + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own])
+        command.__doc__, command.__name__ = fn.__doc__, fn.__name__
+        return command
+
+    return decorate
+
+
 @app.command()
+@options_from(GenerateConfig, short={"num_samples": "-n"})
 def generate(
-    checkpoint: str = typer.Option("latest", help="'latest' (newest finetune, else pretrain), a fingerprint or a checkpoint directory"),
-    prompt: str = typer.Option("Marge, ", help="text the samples continue"),
-    length: int = typer.Option(200, help="characters to generate per sample"),
-    temperature: float = typer.Option(0.8, help="softmax temperature"),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="sample from the k most likely characters"),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="nucleus sampling threshold"),
-    num_samples: int = typer.Option(3, "--num-samples", "-n", help="samples, generated as one batch"),
-    greedy: bool = typer.Option(False, help="always take the most likely character"),
-    beam_width: Optional[int] = typer.Option(None, "--beam-width", help="beam search with this many beams"),
-    seed: int = typer.Option(0, help="random seed"),
+    settings: dict,
     data_dir: Optional[Path] = DataDirOpt,
     as_json: bool = typer.Option(False, "--json", help="print the samples as a JSON list"),
 ) -> None:
     """Generate text from a checkpoint (no Prefect server needed)."""
     from pydantic import ValidationError
 
-    from flows.config import GenerateConfig, format_errors
+    from flows.config import format_errors
     from flows.generate import sample
 
     _apply_data_dir(data_dir)
     try:
-        cfg = GenerateConfig(checkpoint=checkpoint, prompt=prompt, length=length, temperature=temperature, top_k=top_k,
-                             top_p=top_p, num_samples=num_samples, greedy=greedy, beam_width=beam_width, seed=seed)
+        cfg = GenerateConfig(**settings)
     except ValidationError as exc:
         typer.echo(f"error: {format_errors(exc, 'options')}", err=True)
         raise typer.Exit(2) from None
     try:
         path, texts = sample(cfg, data_root())
     except Exception as exc:
-        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
-        raise typer.Exit(1) from None
+        fail(exc)
     if as_json:
         typer.echo(json.dumps(texts, ensure_ascii=False, indent=1))
         return
@@ -216,6 +261,14 @@ def serve(
     from flows.serve import serve_all
 
     serve_all(_config(profile, config, set_), cron=cron)
+
+
+@app.command("stages")
+def show_stages() -> None:
+    """Print the stages, their inputs and deployments as a markdown table (the README's)."""
+    from tasks.stages import deployments_table
+
+    typer.echo(deployments_table())
 
 
 @app.command("config")

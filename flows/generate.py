@@ -12,34 +12,14 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.config import GenerateConfig
 from flows.naming import run_namer
-from model.checkpoint import load_model_from_checkpoint, resolve_checkpoint
+from model.checkpoint import load_model_from_checkpoint, model_checkpoint, resolve_model
 from model.generate import generate
-from model.store import StoreError, data_root, latest, output_dir
+from model.store import data_root
 from tasks.common import artifact_key
 
 
-def find_checkpoint(root: Path, checkpoint: str) -> Path:
-    """'latest' (newest finetune, else pretrain), a stage fingerprint, an output or checkpoint directory."""
-    if checkpoint == "latest":
-        for stage in ("finetune", "pretrain"):
-            try:
-                return latest(root, stage).dir / "best"
-            except StoreError:
-                continue
-        raise StoreError(f"no finetune or pretrain output under {root}; train first (homer run) or pass --checkpoint PATH")
-    for stage in ("finetune", "pretrain"):
-        if (candidate := output_dir(root, stage, checkpoint)).is_dir() and "/" not in checkpoint:
-            return candidate / "best"
-    path = Path(checkpoint)
-    if resolve_checkpoint(path) is not None:
-        return path
-    if resolve_checkpoint(path / "best") is not None:
-        return path / "best"
-    raise StoreError(f"--checkpoint {checkpoint}: not 'latest', a training fingerprint under {root}, or a checkpoint directory")
-
-
 def sample(config: GenerateConfig, root: Path) -> tuple[Path, list[str]]:
-    path = find_checkpoint(root, config.checkpoint)
+    path = model_checkpoint(resolve_model(root, config.checkpoint))
     model, vocab, _ = load_model_from_checkpoint(path)
     texts = generate(model, vocab, prompt=config.prompt, length=config.length, num_samples=config.num_samples,
                      temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, greedy=config.greedy,

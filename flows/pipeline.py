@@ -19,14 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from prefect import flow
 
 from flows.config import PipelineConfig
-from flows.ingest_simpsons import ingest_simpsons
-from flows.ingest_wikipedia import ingest_wikipedia
 from flows.naming import run_namer
-from flows.finetune import finetune
-from flows.prepare import prepare
-from flows.pretrain import pretrain
-from flows.report import report
 from model.store import StageRef, check_writable, data_root
+from tasks.stages import STAGES
 
 
 def _in_thread(pool: ThreadPoolExecutor, fn, *args):
@@ -44,14 +39,15 @@ def homer_pipeline(config: PipelineConfig = PipelineConfig(), data_dir: str | No
     """
     root = data_root(data_dir)
     check_writable(root)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        wikipedia = _in_thread(pool, ingest_wikipedia, config.wikipedia, str(root))
-        simpsons = _in_thread(pool, ingest_simpsons, config.simpsons, str(root))
-        refs = {"ingest-wikipedia": wikipedia.result(), "ingest-simpsons": simpsons.result()}
-    refs["prepare"] = prepare(config.prepare, refs["ingest-wikipedia"], refs["ingest-simpsons"], str(root))
-    if not config.finetune.init_from:  # with init_from set, no pretraining would be used: none runs
-        refs["pretrain"] = pretrain(config.pretrain, refs["prepare"], str(root))
-    refs["finetune"] = finetune(config.finetune, refs["prepare"], refs.get("pretrain"), str(root))  # None: init_from
-    # The report reads the model fine-tuning started from out of the finetune output's manifest.
-    refs["report"] = report(config.report, refs["prepare"], refs.get("pretrain"), refs["finetune"], str(root))
+    sources = [stage for stage in STAGES.values() if not stage.inputs]
+    with ThreadPoolExecutor(max_workers=len(sources)) as pool:  # the ingests at the same time
+        running = {s.name: _in_thread(pool, s.load_flow(), getattr(config, s.section), str(root)) for s in sources}
+        refs = {name: future.result() for name, future in running.items()}
+    unused = {"pretrain"} if config.finetune.init_from else set()  # fine-tuning starts from init_from instead
+    for stage in STAGES.values():
+        if stage.inputs and stage.name not in unused:
+            # An input nothing produced (pretrain, when unused) is None: the stage reads it from its own config
+            # (finetune.init_from) or from the output it belongs with (the report reads the finetune manifest).
+            inputs = {param: refs.get(upstream) for param, upstream in stage.inputs.items()}
+            refs[stage.name] = stage.load_flow()(getattr(config, stage.section), **inputs, data_dir=str(root))
     return refs

@@ -13,11 +13,12 @@ contradicts it is refused.
 from __future__ import annotations
 
 from prefect import flow
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.config import ReportConfig
 from flows.naming import run_namer
 from model.store import StageRef, StoreError, data_root, read_manifest, resolve
+from tasks.artifacts import png_markdown
 from tasks.common import artifact_key, run_stage_task
 from tasks.train import report_task
 
@@ -60,12 +61,14 @@ def report(config: ReportConfig = ReportConfig(), prepare: StageRef | str | None
     root = data_root(data_dir)
     inputs = belonging_inputs(root, resolve(root, "finetune", finetune), prepare, pretrain)
     ref = run_stage_task(report_task, "report", config, inputs, str(root))
-    # The UI cannot show a relative image: the artifact links the PNG in the output directory instead.
-    markdown = (ref.dir / "report.md").read_text(encoding="utf-8").replace(
-        "![loss curves](loss.png)", f"[loss curves (PNG)]({(ref.dir / 'loss.png').as_uri()})")
-    create_markdown_artifact(key=artifact_key("report"), markdown=markdown, description="held-out bits per character and samples")
+    # The UI cannot show a relative image (nor a file:// one): the artifacts carry the PNG itself.
+    image = png_markdown(ref.dir / "loss.png", "loss curves")
+    markdown = (ref.dir / "report.md").read_text(encoding="utf-8").replace("![loss curves](loss.png)", image)
+    create_markdown_artifact(key=artifact_key("report"), markdown=markdown,
+                             description="held-out bits per character, samples and loss curves")
     metrics = read_manifest(ref.dir)["metrics"]
     create_table_artifact(key=artifact_key("report", "bpc"), table=[{"metric": k, "bits_per_char": v} for k, v in metrics.items()],
                           description="bits per character: test (never read in training) and validation splits")
-    create_link_artifact(key=artifact_key("loss", "curves"), link=(ref.dir / "loss.png").as_uri(), link_text="loss curves (PNG)")
+    create_markdown_artifact(key=artifact_key("loss", "curves"), markdown=f"### Loss curves\n\n{image}\n",
+                             description="training and validation loss (nats/char) of both training stages against step")
     return ref

@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from flows.config import PROFILES, PipelineConfig, deep_merge
+from tasks.stages import STAGES
 
 WEEKLY_CRON = "0 3 * * 1"  # minute hour day-of-month month day-of-week: Mondays at 03:00
 TIMEZONE = "UTC"
@@ -31,16 +32,8 @@ SCHEDULED_DESCRIPTION = ("The whole pipeline on the published recipe (Wikipedia 
 SAMPLE_DESCRIPTION = ("The whole pipeline on the bundled sample data with a small model (the `sample` profile): offline, "
                       "a few minutes on a CPU.")
 
-# deployment name -> (entrypoint module, flow function, config section of PipelineConfig, tags)
-STAGES: dict[str, tuple[str, str, str | None, list[str]]] = {
-    "ingest-wikipedia": ("flows.ingest_wikipedia", "ingest_wikipedia", "wikipedia", ["homer", "stage"]),
-    "ingest-simpsons": ("flows.ingest_simpsons", "ingest_simpsons", "simpsons", ["homer", "stage"]),
-    "prepare": ("flows.prepare", "prepare", "prepare", ["homer", "stage"]),
-    "pretrain": ("flows.pretrain", "pretrain", "pretrain", ["homer", "stage", "gpu"]),
-    "finetune": ("flows.finetune", "finetune", "finetune", ["homer", "stage", "gpu"]),
-    "report": ("flows.report", "report", "report", ["homer", "stage"]),
-    "generate": ("flows.generate", "generate_flow", None, ["homer", "stage"]),  # not in PipelineConfig
-}
+# Deployments besides one per stage of tasks.stages.STAGES: generate makes samples, not a stage output.
+GENERATE = {"name": "generate", "entrypoint": "flows.generate.generate_flow", "tags": ["homer", "stage"]}
 
 
 def overrides(value: BaseModel | dict, default: BaseModel | dict) -> dict:
@@ -93,10 +86,13 @@ def deployment_specs(config: PipelineConfig | None = None, cron: str | None = No
         {**pipeline, "name": "sample", "description": SAMPLE_DESCRIPTION, "tags": ["homer", "pipeline", "sample"],
          "parameters": sample_parameters(), "schedules": []},
     ]
-    for name, (module, function, section, tags) in STAGES.items():
-        parameters = _config_parameters(getattr(config, section), getattr(defaults, section)) if section else {}
-        specs.append({"flow": getattr(importlib.import_module(module), function), "entrypoint": f"{module}.{function}",
-                      "name": name, "description": None, "tags": tags, "parameters": parameters, "schedules": []})
+    for stage in STAGES.values():
+        parameters = _config_parameters(getattr(config, stage.section), getattr(defaults, stage.section))
+        specs.append({"flow": stage.load_flow(), "entrypoint": stage.entrypoint, "name": stage.name, "description": None,
+                      "tags": stage.tags, "parameters": parameters, "schedules": []})
+    module, _, function = GENERATE["entrypoint"].rpartition(".")
+    specs.append({"flow": getattr(importlib.import_module(module), function), "entrypoint": GENERATE["entrypoint"],
+                  "name": GENERATE["name"], "description": None, "tags": GENERATE["tags"], "parameters": {}, "schedules": []})
     return specs
 
 

@@ -212,3 +212,45 @@ def load_model_from_checkpoint(path, device: str | torch.device | None = None) -
     model = build_model(cfg, vocab.size).to(device or "cpu")
     load_checkpoint(state["path"], model, vocab=vocab, model_config=cfg)
     return model.eval(), vocab, state
+
+
+def resolve_model(root, given, stages: tuple[str, ...] = ("finetune", "pretrain"), label: str = "--checkpoint"):
+    """The one resolver of a model to load or start from, as a StageRef.
+
+    `given` is 'latest' or empty (the latest output of the first of `stages` that has a
+    `latest`; a `latest` that names a missing or incomplete output is an error, never a
+    fall-through to the next stage), a fingerprint or output directory of one of
+    `stages`, or a bare checkpoint directory (stage "checkpoint", fingerprinted by its
+    weights). Errors name `label`, what was given and what to do.
+    """
+    import hashlib
+
+    from model.store import LATEST, StageRef, StoreError, latest, output_dir, resolve
+
+    root = Path(root)
+    if isinstance(given, StageRef):
+        return given
+    if given in (None, "", LATEST):
+        for stage in stages:
+            if (root / stage / LATEST).exists():
+                return latest(root, stage)
+        raise StoreError(f"{label}: no {' or '.join(stages)} output under {root}; train first (homer run) "
+                         f"or pass a fingerprint or checkpoint directory")
+    given = str(given)
+    for stage in stages:
+        if "/" not in given and output_dir(root, stage, given).is_dir():
+            return resolve(root, stage, given)
+    path = Path(given)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return resolve(root, json.loads((path / "manifest.json").read_text(encoding="utf-8")).get("stage", stages[0]), path)
+    if resolve_checkpoint(path) is not None:
+        found = resolve_checkpoint(path)
+        digest = hashlib.sha256((found / "model.safetensors").read_bytes()).hexdigest()[:16]
+        return StageRef(stage="checkpoint", fingerprint=digest, path=str(path.absolute()))
+    raise StoreError(f"{label} {given}: not 'latest', a {' or '.join(stages)} fingerprint under {root}, "
+                     f"an output directory or a checkpoint directory (one holding state.json)")
+
+
+def model_checkpoint(ref) -> Path:
+    """The checkpoint directory a model ref stands for: a training output's best/, or the checkpoint itself."""
+    return ref.dir / "best" if (ref.dir / "best").is_dir() else ref.dir

@@ -19,6 +19,7 @@ import os
 import socket
 import time
 from collections import Counter
+from importlib import resources
 from pathlib import Path
 from typing import Iterator, Literal
 from urllib.parse import urlparse
@@ -28,10 +29,22 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_DIR = REPO_ROOT / "data" / "sample"
-SAMPLE_WIKIPEDIA = SAMPLE_DIR / "wikipedia" / "articles.jsonl"
-SAMPLE_SIMPSONS = SAMPLE_DIR / "simpsons" / "simpsons_dataset.csv"
+SAMPLE_FILES = {"wikipedia": "wikipedia/articles.jsonl", "simpsons": "simpsons/simpsons_dataset.csv"}
+
+
+def sample_file(source: Literal["wikipedia", "simpsons"]) -> Path:
+    """A bundled sample file: package data of `model` (model/sample_data/, see its README.md).
+
+    Resolved from the installed package, not the repository, so the sample profile works after
+    a plain `pip install .` from any directory. The package is installed as files (never zipped),
+    so the resource is a real path that datasets and csv can open.
+    """
+    path = resources.files("model").joinpath("sample_data", *SAMPLE_FILES[source].split("/"))
+    return Path(os.fspath(path))
+
+
+SAMPLE_WIKIPEDIA = sample_file("wikipedia")
+SAMPLE_SIMPSONS = sample_file("simpsons")
 SIMPSONS_COLUMNS = ("raw_character_text", "spoken_words")
 ARTICLE_COLUMNS = ("id", "url", "title", "text")
 

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat
 
 from model.checkpoint import check_compatible, load_checkpoint, read_state, resolve_checkpoint, save_checkpoint
 from model.network import CharRNN, ModelConfig, build_model
+from model.overrides import apply_sets
 from model.shards import ShardError, read_overlap, read_split
 from model.vocab import Vocab
 
@@ -459,20 +460,19 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, o
 
 
 def _parse_overrides(items: list[str]) -> dict[str, dict]:
-    """`--set key=value` pairs -> {"train": {...}, "model": {...}}; values are JSON, else strings."""
-    out: dict[str, dict] = {"train": {}, "model": {}}
+    """`--set key=value` pairs -> {"train": {...}, "model": {...}}; a bare name is a TrainConfig field if one exists."""
+    qualified = []
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected key=value")
-        section, _, name = key.rpartition(".")
-        section = section or ("train" if name in TrainConfig.model_fields else "model")
-        if section not in out:
-            raise ValueError(f"--set {item!r}: the key must be train.<field>, model.<field> or a bare field name")
-        try:
-            out[section][name] = json.loads(raw)
-        except ValueError:
-            out[section][name] = raw
+        if sep and "." not in key:
+            key = f"{'train' if key.strip() in TrainConfig.model_fields else 'model'}.{key.strip()}"
+        qualified.append(f"{key}{sep}{raw}")
+    out: dict[str, dict] = {"train": {}, "model": {}}
+    problems = apply_sets(out, qualified)
+    problems += [f"--set {section}.*: the key must be train.<field>, model.<field> or a bare field name"
+                 for section in out if section not in ("train", "model")]
+    if problems:
+        raise ValueError("; ".join(problems))
     return out
 
 
@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init-from", help="checkpoint directory to take the initial weights from (fine-tuning)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override train.<field> or model.<field> (a bare name is a TrainConfig field if one "
-                             "exists, else a ModelConfig field); VALUE is parsed as JSON when it can be")
+                             "exists, else a ModelConfig field); VALUE is parsed as YAML, as by `homer --set`")
     args = parser.parse_args(argv)
     try:
         overrides = _parse_overrides(args.set)

@@ -10,19 +10,12 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from model.sources import source_stamp
 from model.store import StageRef, data_root, fingerprint, is_complete, output_dir, set_latest
-
-CODE_VERSIONS = {  # bump a stage's version when its output format or logic changes
-    "ingest-wikipedia": "1",
-    "ingest-simpsons": "1",
-    "prepare": "2",  # 2: a test split; shards carry `overlap`
-    "pretrain": "2",  # 2: validation scores each character once
-    "finetune": "2",
-    "report": "2",  # 2: test and val figures, inputs from the finetune manifest
-}
+from tasks.artifacts import location_markdown
+from tasks.stages import STAGES
 
 
 def stage_fingerprint(stage: str, config: Any, inputs: dict[str, StageRef] | None = None) -> str:
@@ -30,7 +23,7 @@ def stage_fingerprint(stage: str, config: Any, inputs: dict[str, StageRef] | Non
     keys = {k: v.fingerprint for k, v in (inputs or {}).items()}
     if stage.startswith("ingest-") and (stamp := source_stamp(config)):
         keys["source-files"] = stamp
-    return fingerprint(stage, config, keys, CODE_VERSIONS[stage])
+    return fingerprint(stage, config, keys, STAGES[stage].code_version)
 
 
 def complete_ref(root: Path, stage: str, fp: str) -> StageRef | None:
@@ -74,8 +67,8 @@ def artifact_key(*parts: str) -> str:
 
 
 def publish_counts(stage: str, ref: StageRef, rows: list[dict], description: str) -> None:
-    create_link_artifact(key=artifact_key(stage, "output"), link=ref.dir.as_uri(), link_text=f"{stage} {ref.fingerprint}",
-                         description=f"{stage} output directory")
+    create_markdown_artifact(key=artifact_key(stage, "output"), markdown=location_markdown(f"{stage} output", ref.path, ref.fingerprint),
+                             description=f"{stage} output directory")
     create_table_artifact(key=artifact_key(stage, "counts"), table=rows, description=description)
 
 

@@ -20,14 +20,15 @@ from pathlib import Path
 from typing import Callable
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
-from model.checkpoint import CheckpointError, read_state, resolve_checkpoint
+from model.checkpoint import CheckpointError, model_checkpoint, read_state, resolve_checkpoint
 from model.network import ModelConfig
 from model.shards import ShardError, list_shards
 from model.store import StageRef, StoreError, check_writable, data_root, exclusive, manifest_for, output_dir, set_latest, write_manifest
 from model.train import NonFiniteLossError, TrainCallbacks, TrainConfig, TrainingStopped, train
 from model.vocab import Vocab, VocabularyError
+from tasks.artifacts import location_markdown, png_markdown
 from tasks.common import artifact_key, complete_ref, stage_cache_key, stage_fingerprint
 
 # Retrying these gives the same answer: bad inputs, a mismatch, a NaN, a requested stop.
@@ -190,8 +191,12 @@ def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: 
         manifest["history"] = result.history
         write_manifest(out, manifest)
         set_latest(root, stage, fp)
-    create_link_artifact(key=artifact_key(stage, "checkpoint"), link=(out / "best").as_uri(), link_text=f"{stage} best/ ({fp})",
-                         description=f"best validation checkpoint of {stage}; last/ is beside it")
+    create_markdown_artifact(key=artifact_key(stage, "checkpoint"),
+                             markdown=location_markdown(f"{stage} best/", out / "best", fp, note="`last/` is beside it."),
+                             description=f"best validation checkpoint of {stage}; last/ is beside it")
+    create_markdown_artifact(key=artifact_key(stage, "loss", "curves"),
+                             markdown=f"### {stage} loss curves\n\n{png_markdown(out / 'loss.png', f'{stage} loss curves')}\n",
+                             description=f"{stage}: training and validation loss (nats/char) against step")
     create_table_artifact(key=artifact_key(stage, "summary"), table=[{"metric": k, "value": v} for k, v in {**counts, **metrics}.items()],
                           description=f"{stage}: final metrics")
     return StageRef(stage=stage, fingerprint=fp, path=str(out))
@@ -207,15 +212,10 @@ def pretrain_task(config, inputs: dict[str, StageRef], root: str) -> StageRef:
 @task(name="finetune", cache_key_fn=stage_cache_key("finetune"), persist_result=True, retries=1,
       retry_delay_seconds=2, retry_condition_fn=_retry_unless_final)
 def finetune_task(config, inputs: dict[str, StageRef], root: str) -> StageRef:
-    checkpoint = best_checkpoint(inputs["init"])
+    checkpoint = model_checkpoint(inputs["init"])
     model_config = ModelConfig.model_validate(read_state(checkpoint)["model_config"])
     return train_stage("finetune", config=config, model_config=model_config, train_config=config.train,
                        prepare=inputs["prepare"], corpus="simpsons", inputs=inputs, root=root, init_from=checkpoint)
-
-
-def best_checkpoint(ref: StageRef) -> Path:
-    """The checkpoint a model input stands for: a training output's best/, or a bare checkpoint directory."""
-    return ref.dir / "best" if (ref.dir / "best").is_dir() else ref.dir
 
 
 @task(name="report", cache_key_fn=stage_cache_key("report"), persist_result=True)
@@ -242,15 +242,15 @@ def report_task(config, inputs: dict[str, StageRef], root: str) -> StageRef:
             for corpus in ("wikipedia", "simpsons"):
                 row = {"model": model_name, "corpus": corpus}
                 for split in EVAL_SPLITS:
-                    row[split] = bits_per_char(best_checkpoint(inputs[model_name]), prepare.dir / "shards" / corpus, split)
+                    row[split] = bits_per_char(model_checkpoint(inputs[model_name]), prepare.dir / "shards" / corpus, split)
                 scores.append(row)
-        model, vocab, _ = load_model_from_checkpoint(best_checkpoint(inputs["finetune"]))
+        model, vocab, _ = load_model_from_checkpoint(model_checkpoint(inputs["finetune"]))
         samples = {t: generate(model, vocab, prompt=config.prompt, length=config.length, num_samples=config.num_samples,
                                temperature=t, seed=config.seed) for t in config.temperatures}
         runs = {name: inputs[name].dir / "metrics.jsonl" for name in ("pretrain", "finetune")}
         plot_losses({name: path for name, path in runs.items() if path.is_file()}, tmp / "loss.png")
         provenance = [f"fine-tuned model: `{inputs['finetune'].path}` (best/)",
-                      f"pretrained model it started from: `{best_checkpoint(inputs['pretrain'])}`",
+                      f"pretrained model it started from: `{model_checkpoint(inputs['pretrain'])}`",
                       f"data it was fine-tuned on (both corpora scored here): `{prepare.path}`"]
         pretrained_on = _trained_on(inputs["pretrain"])
         if pretrained_on not in (None, prepare.fingerprint):

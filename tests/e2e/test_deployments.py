@@ -15,9 +15,10 @@ import pytest
 import yaml
 
 from flows.config import PROFILES, PipelineConfig, load_config
+from tasks.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
-STAGE_DEPLOYMENTS = ["ingest-wikipedia", "ingest-simpsons", "prepare", "pretrain", "finetune", "report", "generate"]
+STAGE_DEPLOYMENTS = [*STAGES, "generate"]
 
 
 def prefect_yaml() -> dict:
@@ -129,3 +130,14 @@ def test_entrypoint_loads_from_the_repo_root_with_a_typed_documented_form(name, 
             continue
         for field, spec in model["properties"].items():
             assert spec.get("description"), f"{model_name}.{field} has no description for the run form"
+
+
+def test_readme_deployments_table_is_the_stage_registry():
+    """The docs table is made from the stage registry: a new stage must appear in it, as `homer stages` prints it."""
+    from tasks.stages import deployments_table
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    rows = deployments_table().splitlines()[2:]
+    table = readme[readme.index("| deployment | what it runs | parameters |"):]
+    table = table[:table.index("\n\n")].splitlines()
+    assert [line for line in table if line.startswith("| `") and "homer-pipeline" not in line and "generate/" not in line] == rows

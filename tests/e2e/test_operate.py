@@ -5,11 +5,13 @@ repository's prefect.yaml deployed as it is with `prefect deploy --all`, and a
 `prefect worker`. Runs are created through the API with the sample parameters (the
 sample profile's sections; tiny training settings), as an operator would fill the run
 form. The tests build on each other in file order: ingest -> prepare -> pretrain (alone,
-on what prepare wrote) -> the run's page in Chromium -> cancel -> kill the worker -> `homer serve`.
+on what prepare wrote) -> finetune and report -> the run's page and the loss-curve artifact
+pages in Chromium -> cancel -> kill the worker -> `homer serve`.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -19,7 +21,6 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import unquote
 
 import pytest
 
@@ -58,12 +59,26 @@ def keys_of(artifacts: list[dict]) -> set[str]:
     return {a["key"] for a in artifacts if a.get("key")}
 
 
-def link_path(artifacts: list[dict], key: str) -> Path:
-    """The local path a link artifact points to (file:// URI inside its markdown)."""
+def location_path(artifacts: list[dict], key: str) -> Path:
+    """The local path a location artifact shows as text (a local root: no link, no file:// URI)."""
     (artifact,) = [a for a in artifacts if a["key"] == key]
-    match = re.search(r"\]\((file://[^)\s]+)\)", artifact["data"])
+    assert artifact["type"] == "markdown" and "file://" not in artifact["data"] and "](" not in artifact["data"], artifact["data"]
+    match = re.search(r"^- location: `([^`]+)`$", artifact["data"], re.MULTILINE)
     assert match, artifact["data"]
-    return Path(unquote(match.group(1).removeprefix("file://")))
+    return Path(match.group(1))
+
+
+def png_of(artifacts: list[dict], key: str) -> bytes:
+    """The PNG a markdown artifact carries as a `data:image/png;base64,` image (one per artifact)."""
+    (artifact,) = [a for a in artifacts if a["key"] == key]
+    assert artifact["type"] == "markdown", artifact["type"]
+    (encoded,) = re.findall(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", artifact["data"])
+    return base64.b64decode(encoded)
+
+
+def artifact_id(artifacts: list[dict], key: str) -> str:
+    (artifact,) = [a for a in artifacts if a["key"] == key]
+    return artifact["id"]
 
 
 def expected_pretrain_dir(stack, parameters: dict, prepare: StageRef) -> Path:
@@ -158,7 +173,7 @@ def test_prepare_runs_on_the_worker_and_publishes_artifacts(stack, seen):
     assert run["name"] == "prepare seq_len=100 val=0.1", run["name"]
     artifacts = stack.artifacts(run_id)
     assert {"homer-prepare-output", "homer-prepare-counts"} <= keys_of(artifacts)
-    out = link_path(artifacts, "homer-prepare-output")
+    out = location_path(artifacts, "homer-prepare-output")
     manifest = read_manifest(out)
     assert out.parent.parent == stack.data_dir and manifest["stage"] == "prepare"
     for stage, name in (("ingest-wikipedia", "wikipedia"), ("ingest-simpsons", "simpsons")):
@@ -180,8 +195,8 @@ def test_pretrain_alone_trains_on_the_shards_prepare_just_wrote(stack, seen):
     run = stack.wait_final(run_id, timeout=150)
     assert run["name"] == "pretrain cell=gru hidden=32 lr=0.001 epochs=1", run["name"]
     artifacts = stack.artifacts(run_id)
-    assert {"homer-pretrain-checkpoint", "homer-pretrain-summary", "homer-pretrain-progress"} <= keys_of(artifacts)
-    best = link_path(artifacts, "homer-pretrain-checkpoint")
+    assert {"homer-pretrain-checkpoint", "homer-pretrain-summary", "homer-pretrain-progress", "homer-pretrain-loss-curves"} <= keys_of(artifacts)
+    best = location_path(artifacts, "homer-pretrain-checkpoint")
     out = best.parent
     assert out == expected_pretrain_dir(stack, parameters, prepare)
     manifest = read_manifest(out)
@@ -191,8 +206,37 @@ def test_pretrain_alone_trains_on_the_shards_prepare_just_wrote(stack, seen):
     model, vocab, state = load_model_from_checkpoint(best)
     assert vocab.fingerprint == read_manifest(prepare.dir)["counts"]["vocab_fingerprint"]
     assert latest(stack.data_dir, "pretrain").fingerprint == out.name
+    assert png_of(artifacts, "homer-pretrain-loss-curves") == (out / "loss.png").read_bytes()
+    seen["pretrain"] = StageRef(stage="pretrain", fingerprint=out.name, path=str(out))
     seen["pretrain_run"] = run
     seen["pretrain_artifacts"] = sorted(keys_of(artifacts))
+    seen["pretrain_loss_curves"] = artifact_id(artifacts, "homer-pretrain-loss-curves")
+
+
+def test_finetune_and_report_publish_the_loss_curves_as_images(stack, seen):
+    """The smallest finetune and report on that pretrain: the report's artifacts carry loss.png itself."""
+    pretrain: StageRef = seen.need("pretrain")
+    settings = {"epochs": 1, "max_steps": 10, "batch_size": 16, "checkpoint_every_steps": 5, "log_every_steps": 5,
+                "early_stopping_patience": None, "max_val_windows": 16}
+    run_id = stack.trigger("finetune/finetune", {"config": {"train": settings}, "pretrain": pretrain.fingerprint})
+    stack.wait_final(run_id, timeout=150)
+    artifacts = stack.artifacts(run_id)
+    finetune = location_path(artifacts, "homer-finetune-checkpoint").parent
+    assert png_of(artifacts, "homer-finetune-loss-curves") == (finetune / "loss.png").read_bytes()
+
+    run_id = stack.trigger("report/report", {"config": {"length": 20, "num_samples": 1, "temperatures": [1.0]},
+                                             "finetune": finetune.name})
+    stack.wait_final(run_id, timeout=150)
+    artifacts = stack.artifacts(run_id)
+    assert {"homer-report", "homer-report-bpc", "homer-loss-curves"} <= keys_of(artifacts)
+    out = latest(stack.data_dir, "report").dir
+    assert read_manifest(out)["inputs"]["finetune"]["fingerprint"] == finetune.name
+    png = (out / "loss.png").read_bytes()
+    assert png_of(artifacts, "homer-report") == png_of(artifacts, "homer-loss-curves") == png
+    assert len(png) < 150_000, f"loss.png is {len(png)} bytes; the UI loads it with the artifact"
+    (report,) = [a for a in artifacts if a["key"] == "homer-report"]
+    assert "test bits/char" in report["data"] and "file://" not in report["data"]
+    seen["report_artifact"] = artifact_id(artifacts, "homer-report")
 
 
 # ---- the UI --------------------------------------------------------------------------
@@ -224,6 +268,35 @@ def test_flow_run_page_shows_name_state_and_artifact_keys(stack, seen, browser, 
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     if target := os.environ.get("HOMER_SCREENSHOT"):  # e.g. docs/flow-run.png, to refresh the README's picture
         shutil.copyfile(shot, REPO / target)
+
+
+# A loaded <img> of the artifact's data URI: [naturalWidth, naturalHeight], else null.
+LOADED_PNG = """
+const img = [...document.querySelectorAll('img')].find(i => i.src.startsWith('data:image/png'));
+return img && img.complete && img.naturalWidth > 0 ? [img.naturalWidth, img.naturalHeight] : null;
+"""
+
+
+def test_the_loss_curves_show_as_images_on_their_artifact_pages(stack, seen, browser, tmp_path):
+    """The report's page and pretrain's loss-curve page in the UI show the PNG, loaded (no server of ours)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    pages = {"homer-report": seen.need("report_artifact"), "homer-pretrain-loss-curves": seen.need("pretrain_loss_curves")}
+    for key, artifact in pages.items():
+        browser.get(f"{stack.ui_url}/artifacts/artifact/{artifact}")
+        try:
+            size = WebDriverWait(browser, 60, poll_frequency=0.5).until(
+                lambda d: key in d.find_element(By.TAG_NAME, "body").text and d.execute_script(LOADED_PNG))
+        except Exception:
+            shot = tmp_path / f"{key}-failed.png"
+            browser.save_screenshot(str(shot))
+            pytest.fail(f"the page of artifact {key} ({artifact}) showed no loaded data:image/png <img>; screenshot {shot}; "
+                        f"page text:\n{browser.find_element(By.TAG_NAME, 'body').text[:3000]}", pytrace=False)
+        assert size == [880, 495], f"{key}: the 8x4.5 in figure at 110 dpi, got {size}"
+        if key == "homer-report":
+            assert "Bits per character on held-out text" in browser.find_element(By.TAG_NAME, "body").text
+        browser.save_screenshot(str(tmp_path / f"{key}.png"))
 
 
 # ---- failure behaviour ---------------------------------------------------------------

@@ -103,6 +103,14 @@ def test_generate_flow_and_cli(data_dir):
         artifact = client.read_latest_artifacts()
     keys = {a.key for a in artifact}
     assert "homer-generated-samples" in keys and "homer-pretrain-checkpoint" in keys and "homer-report" in keys
+    by_key = {a.key: a for a in artifact}
+    for key in ("homer-report", "homer-loss-curves", "homer-pretrain-loss-curves", "homer-finetune-loss-curves"):
+        assert by_key[key].type == "markdown", key
+        assert "](data:image/png;base64,iVBORw0KGgo" in by_key[key].data, f"{key}: the PNG itself, as a data URI"
+    assert "file://" not in by_key["homer-report"].data and "test bits/char" in by_key["homer-report"].data
+    for key, out in (("homer-pretrain-checkpoint", refs["pretrain"].dir / "best"), ("homer-prepare-output", refs["prepare"].dir),
+                     ("homer-ingest-simpsons-output", refs["ingest-simpsons"].dir)):
+        assert by_key[key].type == "markdown" and f"`{out}`" in by_key[key].data and "](" not in by_key[key].data, key
 
     result = CliRunner().invoke(app, ["generate", "--checkpoint", "latest", "--prompt", "D'oh", "--length", "12",
                                       "--num-samples", "3", "--top-k", "5", "--seed", "1", "--json"])

@@ -180,3 +180,24 @@ def test_source_stamp_follows_the_file_content(tmp_path):
 def test_no_rows_for_the_character_suggests_close_names(small_csv):
     with pytest.raises(SourceError, match=r"close matches: \['Homer Simpson'"):
         read_simpsons_csv(small_csv, "Homer Simpsons")
+
+
+def test_sample_files_are_package_data_listed_in_pyproject():
+    """The sample profile's files live in the `model` package and pyproject ships each one."""
+    import tomllib
+    from pathlib import Path
+
+    import model
+    from model.sources import SAMPLE_FILES, files_stamp, sample_file, source_stamp
+
+    package = Path(model.__file__).resolve().parent
+    for source in SAMPLE_FILES:
+        assert sample_file(source).is_file() and sample_file(source).resolve().is_relative_to(package / "sample_data")
+    assert (SAMPLE_WIKIPEDIA, SAMPLE_SIMPSONS) == (sample_file("wikipedia"), sample_file("simpsons"))
+    pyproject = tomllib.loads((package.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    listed = pyproject["tool"]["setuptools"]["package-data"]["model"]
+    on_disk = [p.relative_to(package).as_posix() for p in (package / "sample_data").rglob("*") if p.is_file()]
+    assert sorted(listed) == sorted(on_disk)  # a file added to sample_data/ must be listed, or wheels lack it
+    # the ingest fingerprint hashes the bundled file's content
+    assert source_stamp(WikipediaConfig(source="sample")) == files_stamp(sample_file("wikipedia"))
+    assert source_stamp(SimpsonsConfig(source="sample")) == files_stamp(sample_file("simpsons"))

@@ -158,7 +158,7 @@ def test_mixed_precision_needs_cuda(tmp_path, corpus, tiny_model_config):
 def test_cli_overrides():
     assert _parse_overrides(["epochs=2", "model.hidden_sizes=[8, 8]", "train.device=cpu", "dropout=0.2"]) == {
         "train": {"epochs": 2, "device": "cpu"}, "model": {"hidden_sizes": [8, 8], "dropout": 0.2}}
-    with pytest.raises(ValueError, match="expected key=value"):
+    with pytest.raises(ValueError, match="expected dotted.key=value"):
         _parse_overrides(["epochs"])
 
 
