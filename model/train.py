@@ -6,6 +6,12 @@
     best/          checkpoint at the best validation loss so far
     metrics.jsonl  one JSON object per log / eval / epoch event
 
+The loop reads top to bottom: `train()` returns a finished run or calls `start()` (data,
+model, optimizer, and `resume()` from last/), then `run_epoch()` until the epochs or the
+step budget end: each batch is one `train_step()`, with `log_progress()`, `validate()`
+(best/, early stopping) and `save()` (last/) on their intervals, and `end_epoch()` at the
+end of each. Their shared state is a typed `Session`; what state.json carries is `RunState`.
+
 If `out_dir/last/` exists the run continues from it exactly (weights, optimizer, step,
 position in the epoch, LR, RNG states): on CPU the final weights are bit-for-bit those of
 an uninterrupted run. A finished run is returned as is. Fine-tuning is `init_from=<checkpoint
@@ -30,7 +36,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -121,6 +127,7 @@ class TrainCallbacks:
     on_epoch_end: Callable[[dict], None] | None = None  # {epoch, step, lr, train_loss, val_loss, val_bpc, val_ppl, best_val_loss}
     on_checkpoint: Callable[[str, Path], None] | None = None  # ("last" | "best", directory)
     should_stop: Callable[[], bool] | None = None  # checked before every step
+    on_step: Callable[[int, int], None] | None = None  # (step, epoch) after every optimizer step: a live progress line
 
 
 @dataclass
@@ -251,48 +258,108 @@ def _truncate_jsonl(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _fresh_run(cfg: TrainConfig, init_from) -> dict:
-    """The run state that state.json carries (besides what save_checkpoint adds)."""
-    return {
-        "step": 0,
-        "epoch": 0,  # 0-based epoch in progress (= epochs completed)
-        "batch_in_epoch": 0,  # batches of that epoch already trained
-        "lr": lr_at_epoch(cfg, 0),
-        "done": False,
-        "stopped_early": False,
-        "metrics": {"best_val_loss": None, "best_val_bpc": None, "best_step": None, "last_val_loss": None,
-                    "last_eval_step": None, "bad_evals": 0, "epoch_loss_sum": 0.0, "epoch_loss_steps": 0,
-                    "log_loss_sum": 0.0, "log_loss_steps": 0, "train_chars": 0, "train_seconds": 0.0},
-        "history": [],
-        "train_config": cfg.model_dump(),
-        "init_from": None if init_from is None else str(init_from),
-        "grad_scaler": None,
-    }
+@dataclass
+class RunMetrics:
+    """Running sums and the best validation so far; saved in state.json as `metrics`."""
+
+    best_val_loss: float | None = None  # nats/char
+    best_val_bpc: float | None = None
+    best_step: int | None = None
+    last_val_loss: float | None = None
+    last_eval_step: int | None = None
+    bad_evals: int = 0  # validations in a row without a new best (early stopping)
+    epoch_loss_sum: float = 0.0  # training loss summed over this epoch's flushed steps
+    epoch_loss_steps: int = 0
+    log_loss_sum: float = 0.0  # ... and since the last log entry
+    log_loss_steps: int = 0
+    train_chars: int = 0  # characters trained on, over every run of this out_dir
+    train_seconds: float = 0.0  # training time, eval and checkpoint time excluded
 
 
-def _result(run: dict, resumed_from_step: int | None) -> TrainResult:
-    m = run["metrics"]
-    return TrainResult(
-        steps=run["step"], epochs=run["epoch"], best_val_loss=m["best_val_loss"], best_val_bpc=m["best_val_bpc"],
-        last_val_loss=m["last_val_loss"], history=run["history"],
-        train_chars_per_s=m["train_chars"] / m["train_seconds"] if m["train_seconds"] else 0.0,
-        stopped_early=run["stopped_early"], resumed_from_step=resumed_from_step,
-    )
+@dataclass
+class RunState:
+    """Where a run is: what state.json carries besides what save_checkpoint adds (RNG, configs)."""
+
+    train_config: dict  # the TrainConfig this run trains with
+    init_from: str | None = None  # the checkpoint the weights started from (fine-tuning)
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # 0-based epoch in progress (= epochs completed)
+    batch_in_epoch: int = 0  # batches of that epoch already trained
+    lr: float = 0.0
+    done: bool = False
+    stopped_early: bool = False
+    metrics: RunMetrics = field(default_factory=RunMetrics)
+    history: list[dict] = field(default_factory=list)  # one epoch entry per completed epoch
+    grad_scaler: dict | None = None  # fp16's GradScaler state
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "RunState":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names and k != "metrics"}, metrics=RunMetrics(**saved["metrics"]))
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def result(self, resumed_from_step: int | None) -> TrainResult:
+        m = self.metrics
+        return TrainResult(
+            steps=self.step, epochs=self.epoch, best_val_loss=m.best_val_loss, best_val_bpc=m.best_val_bpc,
+            last_val_loss=m.last_val_loss, history=self.history,
+            train_chars_per_s=m.train_chars / m.train_seconds if m.train_seconds else 0.0,
+            stopped_early=self.stopped_early, resumed_from_step=resumed_from_step,
+        )
 
 
-def train(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, out_dir, vocab: Vocab,
-          init_from=None, callbacks: TrainCallbacks | None = None) -> TrainResult:
-    """Train (or resume, or return the finished run in `out_dir`); see the module docstring."""
-    cfg, cbs, out_dir = train_config, callbacks or TrainCallbacks(), Path(out_dir)
-    last_dir, metrics_path = out_dir / "last", out_dir / "metrics.jsonl"
-    previous = resolve_checkpoint(last_dir)
-    if previous is not None:
-        saved = read_state(previous)
-        check_compatible(saved, vocab=vocab, model_config=model_config)
-        if saved["done"]:
-            log.info("%s holds a finished run (step %d); not training again", out_dir, saved["step"])
-            return _result(saved, saved["step"])
+@dataclass
+class Session:
+    """Everything one call of train() works with: the configs, the data, the live objects and the run state."""
 
+    cfg: TrainConfig
+    model_config: ModelConfig
+    vocab: Vocab
+    callbacks: TrainCallbacks
+    out_dir: Path
+    train_w: np.ndarray  # (N, T + 1) uint16 training windows
+    val_w: np.ndarray  # (M, T + 1) uint16 validation windows
+    val_overlap: np.ndarray  # (M,) targets of each val window already scored by the one before
+    device: torch.device
+    amp: torch.dtype | None
+    model: CharRNN
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    run: RunState
+    resumed_from: int | None = None
+    clock: _Stopwatch | None = None
+    pending: list = field(default_factory=list)  # step losses not yet copied to the host (one sync per flush)
+    logged_chars: int = 0  # train_chars at the last log entry, for chars/s
+    logged_seconds: float = 0.0
+    stop: bool = False
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    @property
+    def n_batches(self) -> int:
+        return math.ceil(len(self.train_w) / self.cfg.batch_size)
+
+
+def finished_run(out_dir: Path, vocab: Vocab, model_config: ModelConfig) -> TrainResult | None:
+    """The result of a run that already finished in out_dir (checked against vocab and architecture), else None."""
+    previous = resolve_checkpoint(out_dir / "last")
+    if previous is None:
+        return None
+    saved = read_state(previous)
+    check_compatible(saved, vocab=vocab, model_config=model_config)
+    if not saved["done"]:
+        return None
+    log.info("%s holds a finished run (step %d); not training again", out_dir, saved["step"])
+    return RunState.from_saved(saved).result(saved["step"])
+
+
+def start(*, model_config: ModelConfig, cfg: TrainConfig, shards_dir, out_dir: Path, vocab: Vocab, init_from,
+          callbacks: TrainCallbacks) -> Session:
+    """Read the data, build the model and optimizer, and resume from last/ (or start from init_from)."""
     # Training reads train and val only: the test split never chooses a model.
     train_w, val_w = read_windows(shards_dir, "train", vocab), read_windows(shards_dir, "val", vocab)
     val_overlap = read_overlap(shards_dir, "val")
@@ -309,154 +376,197 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, o
     model = build_model(model_config, vocab.size).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
-
-    run, resumed_from = _fresh_run(cfg, init_from), None
+    run = RunState(train_config=cfg.model_dump(), init_from=None if init_from is None else str(init_from),
+                   lr=lr_at_epoch(cfg, 0))
+    s = Session(cfg=cfg, model_config=model_config, vocab=vocab, callbacks=callbacks, out_dir=out_dir, train_w=train_w,
+                val_w=val_w, val_overlap=val_overlap, device=device, amp=amp, model=model, optimizer=optimizer,
+                scaler=scaler, run=run)
+    previous = resolve_checkpoint(out_dir / "last")
     if previous is not None:
-        saved = load_checkpoint(previous, model, optimizer, vocab=vocab, model_config=model_config, restore_rng_state=True)
-        run = {k: saved[k] for k in run} | {"train_config": cfg.model_dump()}
-        if run["grad_scaler"]:
-            scaler.load_state_dict(run["grad_scaler"])
-        resumed_from = run["step"]
-        changed = sorted(k for k, v in cfg.model_dump().items() if saved["train_config"].get(k) != v)
-        log.info("resuming %s from step %d (epoch %d, batch %d)", out_dir, run["step"], run["epoch"] + 1, run["batch_in_epoch"])
-        if changed:
-            log.warning("resuming with a changed train config (%s); the run is no longer an exact continuation", ", ".join(changed))
+        resume(s, previous)
     elif init_from is not None:
         load_checkpoint(init_from, model, vocab=vocab, model_config=model_config)
         log.info("initialised weights from %s", init_from)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("*.tmp-*"):  # left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
-    _truncate_jsonl(metrics_path, run["step"])
+    _truncate_jsonl(s.metrics_path, s.run.step)
+    s.clock = _Stopwatch(s.run.metrics.train_seconds)
+    s.logged_chars, s.logged_seconds = s.run.metrics.train_chars, s.clock.seconds()
+    return s
 
-    m = run["metrics"]
-    seq_len, n_batches = train_w.shape[1] - 1, math.ceil(len(train_w) / cfg.batch_size)
-    clock = _Stopwatch(m["train_seconds"])
-    pending: list[torch.Tensor] = []  # losses not yet copied to the host (one sync per flush)
-    window = {"chars": m["train_chars"], "seconds": clock.seconds()}  # at the last log, for chars/s
 
-    def flush() -> None:
-        if not pending:
+def resume(s: Session, checkpoint: Path) -> None:
+    """Continue exactly where last/ stopped: weights, optimizer, RNG states, step, position in the epoch."""
+    saved = load_checkpoint(checkpoint, s.model, s.optimizer, vocab=s.vocab, model_config=s.model_config, restore_rng_state=True)
+    s.run = RunState.from_saved(saved)
+    s.run.train_config = s.cfg.model_dump()
+    if s.run.grad_scaler:
+        s.scaler.load_state_dict(s.run.grad_scaler)
+    s.resumed_from = s.run.step
+    changed = sorted(k for k, v in s.cfg.model_dump().items() if saved["train_config"].get(k) != v)
+    log.info("resuming %s from step %d (epoch %d, batch %d)", s.out_dir, s.run.step, s.run.epoch + 1, s.run.batch_in_epoch)
+    if changed:
+        log.warning("resuming with a changed train config (%s); the run is no longer an exact continuation", ", ".join(changed))
+
+
+def train_step(s: Session, batch: torch.Tensor) -> None:
+    """One optimizer step on batch (B, T + 1); its loss stays on the device until the next flush."""
+    loss = batch_loss(s.model, batch, s.amp)
+    s.optimizer.zero_grad(set_to_none=True)
+    s.scaler.scale(loss).backward()
+    s.scaler.unscale_(s.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.grad_clip)
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    # + 0 * grad_norm: the loss, or NaN when the gradient was not finite (the GradScaler
+    # skips such steps itself, so only without it does that poison the weights)
+    s.pending.append(loss.detach() if s.scaler.is_enabled() else loss.detach() + 0 * grad_norm)
+    s.run.step += 1
+    s.run.metrics.train_chars += len(batch) * (batch.shape[1] - 1)
+
+
+def flush(s: Session) -> None:
+    """Copy the pending step losses to the host at once; a NaN or infinite one stops the run."""
+    if not s.pending:
+        return
+    values = torch.stack(s.pending).tolist()
+    first = s.run.step - len(s.pending) + 1
+    s.pending.clear()
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise NonFiniteLossError(first + i, v)
+    m = s.run.metrics
+    m.epoch_loss_sum += sum(values)
+    m.epoch_loss_steps += len(values)
+    m.log_loss_sum += sum(values)
+    m.log_loss_steps += len(values)
+
+
+def emit(s: Session, kind: str, entry: dict, callback) -> None:
+    _append_jsonl(s.metrics_path, {"kind": kind, **entry})
+    if callback is not None:
+        callback(entry)
+
+
+def save(s: Session, kind: str) -> None:
+    """Write last/ or best/ (atomically); its time is not training time."""
+    with s.clock.paused():
+        s.run.metrics.train_seconds = s.clock.seconds()
+        s.run.grad_scaler = s.scaler.state_dict() if s.scaler.is_enabled() else None
+        path = save_checkpoint(s.out_dir / kind, model=s.model, vocab=s.vocab, model_config=s.model_config,
+                               state=s.run.to_json(), optimizer=s.optimizer)
+    if s.callbacks.on_checkpoint is not None:
+        s.callbacks.on_checkpoint(kind, path)
+
+
+def log_progress(s: Session) -> None:
+    """A log entry: mean loss and chars/s since the last one."""
+    flush(s)
+    m, now = s.run.metrics, s.clock.seconds()
+    entry = {"step": s.run.step, "epoch": s.run.epoch + 1, "loss": m.log_loss_sum / max(m.log_loss_steps, 1),
+             "chars_per_s": (m.train_chars - s.logged_chars) / max(now - s.logged_seconds, 1e-9), "lr": s.run.lr}
+    m.log_loss_sum, m.log_loss_steps = 0.0, 0
+    s.logged_chars, s.logged_seconds = m.train_chars, now
+    log.info("step %d epoch %d loss %.4f %.0f chars/s lr %.2e", entry["step"], entry["epoch"], entry["loss"],
+             entry["chars_per_s"], entry["lr"])
+    emit(s, "log", entry, s.callbacks.on_log)
+
+
+def validate(s: Session) -> dict:
+    """Evaluate on the validation windows, keep best/, count patience; returns the eval entry."""
+    flush(s)
+    with s.clock.paused():
+        loss = evaluate(s.model, s.val_w, batch_size=4 * s.cfg.batch_size, device=s.device, amp=s.amp, overlap=s.val_overlap)
+    m = s.run.metrics
+    improved = m.best_val_loss is None or loss < m.best_val_loss
+    m.last_val_loss, m.last_eval_step, m.bad_evals = loss, s.run.step, 0 if improved else m.bad_evals + 1
+    if improved:
+        m.best_val_loss, m.best_val_bpc, m.best_step = loss, loss / math.log(2), s.run.step
+    entry = {"step": s.run.step, "epoch": s.run.epoch + 1, "val_loss": loss, "val_bpc": loss / math.log(2),
+             "val_ppl": math.exp(min(loss, 700.0)), "best_val_loss": m.best_val_loss, "improved": improved}
+    log.info("step %d val loss %.4f nats/char, %.4f bits/char%s", s.run.step, loss, entry["val_bpc"], " (best)" if improved else "")
+    emit(s, "eval", entry, s.callbacks.on_eval)
+    if improved:
+        save(s, "best")
+    if s.cfg.early_stopping_patience is not None and m.bad_evals >= s.cfg.early_stopping_patience:
+        s.run.stopped_early = True
+    return entry
+
+
+def out_of_steps(s: Session) -> bool:
+    return s.cfg.max_steps is not None and s.run.step >= s.cfg.max_steps
+
+
+def run_epoch(s: Session) -> None:
+    """Train the rest of the current epoch (from batch_in_epoch), validating and saving on the way."""
+    cfg, run, cbs = s.cfg, s.run, s.callbacks
+    run.lr = lr_at_epoch(cfg, run.epoch)
+    for group in s.optimizer.param_groups:
+        group["lr"] = run.lr
+    order = epoch_order(cfg.seed, run.epoch, len(s.train_w))
+    for b in range(run.batch_in_epoch, s.n_batches):
+        if cbs.should_stop is not None and cbs.should_stop():
+            flush(s)
+            save(s, "last")
+            raise TrainingStopped(run.step, s.out_dir / "last")
+        idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        train_step(s, torch.from_numpy(s.train_w[idx].astype(np.int64)).to(s.device))  # (B, T + 1)
+        run.batch_in_epoch = b + 1
+        if cbs.on_step is not None:
+            cbs.on_step(run.step, run.epoch + 1)
+        if run.step % cfg.log_every_steps == 0:
+            log_progress(s)
+        if b + 1 == s.n_batches:
+            break  # the epoch end below validates and saves
+        if out_of_steps(s):
+            s.stop = True
+            validate(s)
             return
-        values = torch.stack(pending).tolist()
-        first = run["step"] - len(pending) + 1
-        pending.clear()
-        for i, v in enumerate(values):
-            if not math.isfinite(v):
-                raise NonFiniteLossError(first + i, v)
-        for kind in ("epoch", "log"):
-            m[f"{kind}_loss_sum"] += sum(values)
-            m[f"{kind}_loss_steps"] += len(values)
+        if cfg.eval_every_steps and run.step % cfg.eval_every_steps == 0:
+            validate(s)
+            if run.stopped_early:
+                s.stop = True
+                return
+        if cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0:
+            flush(s)
+            save(s, "last")
+    if run.batch_in_epoch == s.n_batches:
+        end_epoch(s)
 
-    def emit(kind: str, entry: dict, callback) -> None:
-        _append_jsonl(metrics_path, {"kind": kind, **entry})
-        if callback is not None:
-            callback(entry)
 
-    def save(kind: str) -> None:
-        with clock.paused():
-            m["train_seconds"] = clock.seconds()
-            run["grad_scaler"] = scaler.state_dict() if scaler.is_enabled() else None
-            path = save_checkpoint(out_dir / kind, model=model, vocab=vocab, model_config=model_config, state=run,
-                                   optimizer=optimizer)
-        if cbs.on_checkpoint is not None:
-            cbs.on_checkpoint(kind, path)
+def end_epoch(s: Session) -> None:
+    """Validate, record the epoch, and save last/ unless the run ends here."""
+    run, m = s.run, s.run.metrics
+    flush(s)
+    entry = validate(s)
+    epoch_entry = {"epoch": run.epoch + 1, "step": run.step, "lr": run.lr,
+                   "train_loss": m.epoch_loss_sum / max(m.epoch_loss_steps, 1),
+                   **{k: entry[k] for k in ("val_loss", "val_bpc", "val_ppl", "best_val_loss")}}
+    run.history.append(epoch_entry)
+    run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+    m.epoch_loss_sum, m.epoch_loss_steps = 0.0, 0
+    emit(s, "epoch", epoch_entry, s.callbacks.on_epoch_end)
+    s.stop = run.stopped_early or out_of_steps(s)
+    if not s.stop and run.epoch < s.cfg.epochs:
+        save(s, "last")
 
-    def log_now(lr: float) -> None:
-        flush()
-        now = clock.seconds()
-        chars = m["train_chars"] - window["chars"]
-        entry = {"step": run["step"], "epoch": run["epoch"] + 1, "loss": m["log_loss_sum"] / max(m["log_loss_steps"], 1),
-                 "chars_per_s": chars / max(now - window["seconds"], 1e-9), "lr": lr}
-        m.update(log_loss_sum=0.0, log_loss_steps=0)
-        window.update(chars=m["train_chars"], seconds=now)
-        log.info("step %d epoch %d loss %.4f %.0f chars/s lr %.2e", entry["step"], entry["epoch"], entry["loss"],
-                 entry["chars_per_s"], lr)
-        emit("log", entry, cbs.on_log)
 
-    def validate() -> dict:
-        """Evaluate, keep best/, count patience; returns the eval entry."""
-        flush()
-        with clock.paused():
-            loss = evaluate(model, val_w, batch_size=4 * cfg.batch_size, device=device, amp=amp, overlap=val_overlap)
-        improved = m["best_val_loss"] is None or loss < m["best_val_loss"]
-        m.update(last_val_loss=loss, last_eval_step=run["step"], bad_evals=0 if improved else m["bad_evals"] + 1)
-        if improved:
-            m.update(best_val_loss=loss, best_val_bpc=loss / math.log(2), best_step=run["step"])
-        entry = {"step": run["step"], "epoch": run["epoch"] + 1, "val_loss": loss, "val_bpc": loss / math.log(2),
-                 "val_ppl": math.exp(min(loss, 700.0)), "best_val_loss": m["best_val_loss"], "improved": improved}
-        log.info("step %d val loss %.4f nats/char, %.4f bits/char%s", run["step"], loss, entry["val_bpc"],
-                 " (best)" if improved else "")
-        emit("eval", entry, cbs.on_eval)
-        if improved:
-            save("best")
-        if cfg.early_stopping_patience is not None and m["bad_evals"] >= cfg.early_stopping_patience:
-            run["stopped_early"] = True
-        return entry
-
-    def out_of_steps() -> bool:
-        return cfg.max_steps is not None and run["step"] >= cfg.max_steps
-
-    stop = out_of_steps()
-    while not stop and run["epoch"] < cfg.epochs:
-        lr = run["lr"] = lr_at_epoch(cfg, run["epoch"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        order = epoch_order(cfg.seed, run["epoch"], len(train_w))
-        for b in range(run["batch_in_epoch"], n_batches):
-            if cbs.should_stop is not None and cbs.should_stop():
-                flush()
-                save("last")
-                raise TrainingStopped(run["step"], last_dir)
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            batch = torch.from_numpy(train_w[idx].astype(np.int64)).to(device)  # (B, T + 1)
-            loss = batch_loss(model, batch, amp)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            # + 0 * grad_norm: the loss, or NaN when the gradient was not finite (the GradScaler
-            # skips such steps itself, so only without it does that poison the weights)
-            pending.append(loss.detach() if scaler.is_enabled() else loss.detach() + 0 * grad_norm)
-            run["step"] += 1
-            run["batch_in_epoch"] = b + 1
-            m["train_chars"] += len(idx) * seq_len
-            step = run["step"]
-            if step % cfg.log_every_steps == 0:
-                log_now(lr)
-            if b + 1 == n_batches:
-                break  # the epoch end below validates and saves
-            if out_of_steps():
-                stop = True
-                validate()
-                break
-            if cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
-                validate()
-                if run["stopped_early"]:
-                    stop = True
-                    break
-            if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
-                flush()
-                save("last")
-        if run["batch_in_epoch"] == n_batches:
-            flush()
-            entry = validate()
-            epoch_entry = {"epoch": run["epoch"] + 1, "step": run["step"], "lr": lr,
-                           "train_loss": m["epoch_loss_sum"] / max(m["epoch_loss_steps"], 1),
-                           **{k: entry[k] for k in ("val_loss", "val_bpc", "val_ppl", "best_val_loss")}}
-            run["history"].append(epoch_entry)
-            run.update(epoch=run["epoch"] + 1, batch_in_epoch=0)
-            m.update(epoch_loss_sum=0.0, epoch_loss_steps=0)
-            emit("epoch", epoch_entry, cbs.on_epoch_end)
-            stop = run["stopped_early"] or out_of_steps()
-            if not stop and run["epoch"] < cfg.epochs:
-                save("last")
-    flush()
-    run["done"] = True
-    save("last")
-    return _result(run, resumed_from)
+def train(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, out_dir, vocab: Vocab,
+          init_from=None, callbacks: TrainCallbacks | None = None) -> TrainResult:
+    """Train (or resume, or return the finished run in `out_dir`); see the module docstring."""
+    out_dir = Path(out_dir)
+    if (done := finished_run(out_dir, vocab, model_config)) is not None:
+        return done
+    s = start(model_config=model_config, cfg=train_config, shards_dir=shards_dir, out_dir=out_dir, vocab=vocab,
+              init_from=init_from, callbacks=callbacks or TrainCallbacks())
+    s.stop = out_of_steps(s)
+    while not s.stop and s.run.epoch < s.cfg.epochs:
+        run_epoch(s)
+    flush(s)
+    s.run.done = True
+    save(s, "last")
+    return s.run.result(s.resumed_from)
 
 
 def _parse_overrides(items: list[str]) -> dict[str, dict]:

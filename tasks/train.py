@@ -10,6 +10,7 @@ work instead of starting over. Cancellation (SIGTERM from the worker) saves `las
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 
 from model.checkpoint import CheckpointError, model_checkpoint, read_state, resolve_checkpoint
 from model.network import ModelConfig
+from model.progress import TerminalProgress
 from model.shards import ShardError, list_shards
 from model.store import StageRef, StoreError, check_writable, data_root, exclusive, manifest_for, output_dir, set_latest, write_manifest
 from model.train import NonFiniteLossError, TrainCallbacks, TrainConfig, TrainingStopped, train
@@ -66,7 +68,8 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def prefect_callbacks(stage: str, total_steps: int, stop: _StopFlag, history: list[dict]) -> tuple[TrainCallbacks, Callable]:
+def prefect_callbacks(stage: str, total_steps: int, stop: _StopFlag, history: list[dict],
+                      terminal: TerminalProgress | None = None) -> tuple[TrainCallbacks, Callable]:
     """Log lines, a progress artifact and an epoch table while training runs.
 
     `history` holds the epochs a resumed run already did, so the table continues. Returns
@@ -77,7 +80,10 @@ def prefect_callbacks(stage: str, total_steps: int, stop: _StopFlag, history: li
                                            description=f"{stage}: percent of the step budget done")
     epochs: list[dict] = [_rounded(m) for m in history]
 
+    terminal = terminal or TerminalProgress(stage, total_steps, stream=io.StringIO())  # none given: silent
+
     def on_log(m: dict) -> None:
+        terminal.logged(m)
         log.info("step %d epoch %d loss %.4f chars/s %.0f lr %.2e", m["step"], m["epoch"], m["loss"], m["chars_per_s"], m["lr"])
         update_progress_artifact(progress_id, progress=min(100.0, 100.0 * m["step"] / max(1, total_steps)))
 
@@ -89,8 +95,12 @@ def prefect_callbacks(stage: str, total_steps: int, stop: _StopFlag, history: li
         epochs.append(_rounded(m))
         create_table_artifact(key=artifact_key(stage, "epochs"), table=epochs, description=f"{stage}: metrics per epoch")
 
-    callbacks = TrainCallbacks(on_log=on_log, on_eval=on_eval, on_epoch_end=on_epoch_end, should_stop=lambda: stop.stop)
-    return callbacks, lambda: update_progress_artifact(progress_id, progress=100.0)
+    def finished() -> None:
+        update_progress_artifact(progress_id, progress=100.0)
+
+    callbacks = TrainCallbacks(on_log=on_log, on_eval=on_eval, on_epoch_end=on_epoch_end, should_stop=lambda: stop.stop,
+                               on_step=terminal.step)
+    return callbacks, finished
 
 
 def _rounded(metrics: dict) -> dict:
@@ -174,10 +184,15 @@ def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: 
         started = time.monotonic()
         previous = resolve_checkpoint(out / "last")
         history = read_state(previous)["history"] if previous else []
+        total_steps = plan_steps(shards, train_config)
+        terminal = TerminalProgress(stage, total_steps, train_config.epochs)  # a live line only when stderr is a terminal
         with _StopFlag() as stop, gpu_slot(train_config.device):
-            callbacks, finished = prefect_callbacks(stage, plan_steps(shards, train_config), stop, history)
-            result = train(model_config=model_config, train_config=train_config, shards_dir=shards, out_dir=out,
-                           vocab=vocab, init_from=init_from, callbacks=callbacks)
+            callbacks, finished = prefect_callbacks(stage, total_steps, stop, history, terminal)
+            try:
+                result = train(model_config=model_config, train_config=train_config, shards_dir=shards, out_dir=out,
+                               vocab=vocab, init_from=init_from, callbacks=callbacks)
+            finally:
+                terminal.close()  # end the progress line before anything else is printed
             finished()
         from model.report import plot_losses  # matplotlib only where it is used
 
