@@ -30,9 +30,9 @@ pa.set_cpu_count(1)
 pa.set_io_thread_count(1)
 
 from model import prepare as prep  # noqa: E402
-from model.prepare import PrepareConfig, corpus_char_counts, write_corpus, write_shards  # noqa: E402
-from model.sources import SAMPLE_WIKIPEDIA  # noqa: E402
-from model.vocab import build_vocab  # noqa: E402
+from model.data.prepare import PrepareConfig, corpus_char_counts, write_corpus, write_shards  # noqa: E402
+from model.data.sources import SAMPLE_WIKIPEDIA  # noqa: E402
+from model.data.vocab import build_vocab  # noqa: E402
 
 
 def make_corpus(path: Path, megabytes: float) -> int:

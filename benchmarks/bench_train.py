@@ -21,11 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.generate import generate, generate_refeed
-from model.network import ModelConfig, build_model
-from model.shards import ShardWriter, read_split
-from model.train import TrainCallbacks, TrainConfig, train
-from model.vocab import build_vocab, count_chars
+from model.generation.sampling import generate, generate_refeed
+from model.network.rnn import ModelConfig, build_model
+from model.data.shards import ShardWriter, read_split
+from model.training.loop import TrainCallbacks, TrainConfig, train
+from model.data.vocab import build_vocab, count_chars
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?'\"-()\n"
 

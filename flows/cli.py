@@ -23,7 +23,7 @@ import yaml
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from flows.config import ConfigError, GenerateConfig, PipelineConfig, load_config
-from model.store import StageRef, data_root, read_manifest
+from model.store.outputs import StageRef, data_root, read_manifest
 from tasks.stages import STAGES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Teach a character-level RNN to talk like Homer Simpson.")
@@ -194,11 +194,13 @@ def options_from(model_cls, short: dict[str, str] | None = None):
     a dict of the options given, and validates them with the model.
     """
     import inspect
+    import typing
 
     short = short or {}
 
     def decorate(fn):
-        own = [p for p in inspect.signature(fn).parameters.values() if p.name != "settings"]
+        hints = typing.get_type_hints(fn)  # the real types: this module's annotations are strings
+        own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(fn).parameters.values() if p.name != "settings"]
         fields = []
         for name, field in model_cls.model_fields.items():
             flag = "--" + name.replace("_", "-")

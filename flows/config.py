@@ -18,11 +18,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from model.network import ModelConfig
-from model.overrides import apply_sets
-from model.prepare import PrepareConfig
-from model.sources import SimpsonsConfig, WikipediaConfig
-from model.train import FinetuneTrainConfig, TrainConfig
+from model.network.rnn import ModelConfig
+from model.training.overrides import apply_sets
+from model.data.prepare import PrepareConfig
+from model.data.sources import SimpsonsConfig, WikipediaConfig
+from model.training.loop import FinetuneTrainConfig, TrainConfig
 
 Profile = Literal["default", "sample", "cpu"]
 

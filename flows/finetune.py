@@ -13,8 +13,8 @@ from prefect import flow
 
 from flows.config import FinetuneConfig
 from flows.naming import run_namer
-from model.checkpoint import resolve_model
-from model.store import StageRef, data_root, resolve
+from model.network.checkpoint import resolve_model
+from model.store.outputs import StageRef, data_root, resolve
 from tasks.common import run_stage_task
 from tasks.train import finetune_task
 

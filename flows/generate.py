@@ -12,9 +12,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.config import GenerateConfig
 from flows.naming import run_namer
-from model.checkpoint import load_model_from_checkpoint, model_checkpoint, resolve_model
-from model.generate import generate
-from model.store import data_root
+from model.network.checkpoint import load_model_from_checkpoint, model_checkpoint, resolve_model
+from model.generation.sampling import generate
+from model.store.outputs import data_root
 from tasks.common import artifact_key
 
 

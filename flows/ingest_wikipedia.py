@@ -9,8 +9,8 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.naming import run_namer
-from model.sources import WikipediaConfig
-from model.store import StageRef, data_root
+from model.data.sources import WikipediaConfig
+from model.store.outputs import StageRef, data_root
 from tasks.common import flatten, publish_counts, run_stage_task
 from tasks.data import ingest_wikipedia_task
 

@@ -20,7 +20,7 @@ from prefect import flow
 
 from flows.config import PipelineConfig
 from flows.naming import run_namer
-from model.store import StageRef, check_writable, data_root
+from model.store.outputs import StageRef, check_writable, data_root
 from tasks.stages import STAGES
 
 

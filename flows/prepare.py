@@ -11,8 +11,8 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.naming import run_namer
-from model.prepare import PrepareConfig
-from model.store import StageRef, data_root, resolve
+from model.data.prepare import PrepareConfig
+from model.store.outputs import StageRef, data_root, resolve
 from tasks.common import flatten, publish_counts, run_stage_task
 from tasks.data import prepare_task
 

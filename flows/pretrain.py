@@ -13,7 +13,7 @@ from prefect import flow
 
 from flows.config import PretrainConfig
 from flows.naming import run_namer
-from model.store import StageRef, data_root, resolve
+from model.store.outputs import StageRef, data_root, resolve
 from tasks.common import run_stage_task
 from tasks.train import pretrain_task
 

@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.config import ReportConfig
 from flows.naming import run_namer
-from model.store import StageRef, StoreError, data_root, read_manifest, resolve
+from model.store.outputs import StageRef, StoreError, data_root, read_manifest, resolve
 from tasks.artifacts import png_markdown
 from tasks.common import artifact_key, run_stage_task
 from tasks.train import report_task

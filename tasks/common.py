@@ -12,8 +12,8 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from model.sources import source_stamp
-from model.store import StageRef, data_root, fingerprint, is_complete, output_dir, set_latest
+from model.data.sources import source_stamp
+from model.store.outputs import StageRef, data_root, fingerprint, is_complete, output_dir, set_latest
 from tasks.artifacts import location_markdown
 from tasks.stages import STAGES
 

@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
-from model.prepare import PrepareConfig, corpus_char_counts, group_lines, write_corpus, write_shards
-from model.sources import SimpsonsConfig, WikipediaConfig, download_simpsons, read_simpsons_csv, read_wikipedia
-from model.store import StageRef, data_root, manifest_for, output_dir, staging, write_manifest
-from model.vocab import build_vocab
+from model.data.prepare import PrepareConfig, corpus_char_counts, group_lines, write_corpus, write_shards
+from model.data.sources import SimpsonsConfig, WikipediaConfig, download_simpsons, read_simpsons_csv, read_wikipedia
+from model.store.outputs import StageRef, data_root, manifest_for, output_dir, staging, write_manifest
+from model.data.vocab import build_vocab
 from tasks.common import complete_ref, stage_cache_key, stage_fingerprint
 
 ARTICLE_SCHEMA = pa.schema([("id", pa.string()), ("url", pa.string()), ("title", pa.string()), ("text", pa.string())])

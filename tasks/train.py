@@ -23,13 +23,13 @@ from typing import Callable
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
-from model.checkpoint import CheckpointError, model_checkpoint, read_state, resolve_checkpoint
-from model.network import ModelConfig
-from model.progress import TerminalProgress
-from model.shards import ShardError, list_shards
-from model.store import StageRef, StoreError, check_writable, data_root, exclusive, manifest_for, output_dir, set_latest, write_manifest
-from model.train import NonFiniteLossError, TrainCallbacks, TrainConfig, TrainingStopped, train
-from model.vocab import Vocab, VocabularyError
+from model.network.checkpoint import CheckpointError, model_checkpoint, read_state, resolve_checkpoint
+from model.network.rnn import ModelConfig
+from model.training.progress import TerminalProgress
+from model.data.shards import ShardError, list_shards
+from model.store.outputs import StageRef, StoreError, check_writable, data_root, exclusive, manifest_for, output_dir, set_latest, write_manifest
+from model.training.loop import NonFiniteLossError, TrainCallbacks, TrainConfig, TrainingStopped, train
+from model.data.vocab import Vocab, VocabularyError
 from tasks.artifacts import location_markdown, png_markdown
 from tasks.common import artifact_key, complete_ref, stage_cache_key, stage_fingerprint
 
@@ -120,7 +120,7 @@ def wants_gpu_slot(device: str) -> bool:
     """
     from prefect.settings import PREFECT_API_URL
 
-    from model.train import resolve_device
+    from model.training.loop import resolve_device
 
     mode = os.environ.get("HOMER_GPU_LIMIT", "auto").lower()
     if mode not in ("auto", "always", "never"):
@@ -194,7 +194,7 @@ def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: 
             finally:
                 terminal.close()  # end the progress line before anything else is printed
             finished()
-        from model.report import plot_losses  # matplotlib only where it is used
+        from model.report.scores import plot_losses  # matplotlib only where it is used
 
         plot_losses({stage: out / "metrics.jsonl"}, out / "loss.png")
         metrics = {"best_val_loss": result.best_val_loss, "best_val_bpc": result.best_val_bpc,
@@ -240,10 +240,10 @@ def report_task(config, inputs: dict[str, StageRef], root: str) -> StageRef:
     `inputs` belong together (flows/report.py checks it): the fine-tune output, the
     model it started from and the prepare output it was fine-tuned on.
     """
-    from model.checkpoint import load_model_from_checkpoint
-    from model.generate import generate
-    from model.report import EVAL_SPLITS, bits_per_char, plot_losses, render_report
-    from model.store import staging
+    from model.network.checkpoint import load_model_from_checkpoint
+    from model.generation.sampling import generate
+    from model.report.scores import EVAL_SPLITS, bits_per_char, plot_losses, render_report
+    from model.store.outputs import staging
 
     stage, root = "report", data_root(root)
     fp = stage_fingerprint(stage, config, inputs)

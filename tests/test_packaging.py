@@ -24,7 +24,7 @@ DRIVER = """
 import json, sys
 
 from flows.cli import app
-from model.sources import SAMPLE_FILES, sample_file
+from model.data.sources import SAMPLE_FILES, sample_file
 
 codes = []
 for command in json.loads(sys.argv[1]):
@@ -99,7 +99,7 @@ def test_wheel_runs_the_sample_ingests_from_any_directory(tmp_path, prefect_harn
 
     # the wheel's code and data ran, not the repository's (the editable install's finder must not win)
     assert str(REPO) not in seen["sys_path"]
-    assert {"flows", "flows.cli", "model.sources", "tasks.data", "flows.ingest_simpsons", "flows.ingest_wikipedia"} <= set(seen["modules"])
+    assert {"flows", "flows.cli", "model.data.sources", "tasks.data", "flows.ingest_simpsons", "flows.ingest_wikipedia"} <= set(seen["modules"])
     outside = {name: f for name, f in seen["modules"].items() if not Path(f).resolve().is_relative_to(target)}
     assert not outside, f"modules loaded from outside the installed wheel: {outside}"
     for source, path in seen["samples"].items():

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from flows.config import PROFILES, PretrainConfig
-from model.store import StageRef, latest, read_manifest
+from model.store.outputs import StageRef, latest, read_manifest
 from tasks.common import stage_fingerprint
 from tests.e2e.conftest import REPO, alive, send, wait_until
 
@@ -188,7 +188,7 @@ def test_prepare_runs_on_the_worker_and_publishes_artifacts(stack, seen):
 
 
 def test_pretrain_alone_trains_on_the_shards_prepare_just_wrote(stack, seen):
-    from model.checkpoint import load_model_from_checkpoint
+    from model.network.checkpoint import load_model_from_checkpoint
 
     prepare: StageRef = seen.need("prepare")
     parameters = pretrain_parameters()
@@ -305,7 +305,7 @@ def test_the_loss_curves_show_as_images_on_their_artifact_pages(stack, seen, bro
 def test_cancelling_a_run_stops_training_within_seconds_and_keeps_last_loadable(stack, seen, record_property):
     from prefect.states import Cancelling
 
-    from model.checkpoint import load_model_from_checkpoint
+    from model.network.checkpoint import load_model_from_checkpoint
 
     parameters = pretrain_parameters(epochs=1000, max_steps=1_000_000)  # would run for hours
     out = expected_pretrain_dir(stack, parameters, seen.need("prepare"))
@@ -338,7 +338,7 @@ def test_cancelling_a_run_stops_training_within_seconds_and_keeps_last_loadable(
 def test_a_worker_killed_mid_run_corrupts_nothing_and_the_rerun_resumes(stack, seen):
     from prefect.states import Crashed
 
-    from model.checkpoint import load_model_from_checkpoint
+    from model.network.checkpoint import load_model_from_checkpoint
 
     parameters = pretrain_parameters(epochs=10, max_steps=100)
     out = expected_pretrain_dir(stack, parameters, seen.need("prepare"))

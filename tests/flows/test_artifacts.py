@@ -12,7 +12,7 @@ from tasks.artifacts import code, location_markdown, location_url, png_markdown
 
 
 def test_png_markdown_carries_the_png_itself(tmp_path):
-    from model.report import plot_losses
+    from model.report.scores import plot_losses
 
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"kind": "log", "step": s, "loss": 4.0 / s}) + "\n" for s in range(1, 50))

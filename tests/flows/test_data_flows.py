@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from prefect import flow
 
-from model.prepare import PrepareConfig
-from model.sources import SimpsonsConfig, SourceError, WikipediaConfig, read_wikipedia
-from model.store import StoreError, latest, read_manifest
+from model.data.prepare import PrepareConfig
+from model.data.sources import SimpsonsConfig, SourceError, WikipediaConfig, read_wikipedia
+from model.store.outputs import StoreError, latest, read_manifest
 from tasks.common import run_stage_task
 from tests.helpers import run_twice_at_once
 from tasks.data import ingest_simpsons_task
@@ -133,7 +133,7 @@ def test_prepare_recomputes_only_when_its_config_changes(tmp_path, data_dir, sma
 
 def test_two_runs_at_once_leave_one_intact_output(tmp_path, data_dir, small_csv):
     from flows.prepare import prepare
-    from model.shards import read_split
+    from model.data.shards import read_split
 
     _prepare_inputs(tmp_path, data_dir, small_csv)
     results = run_twice_at_once(lambda: prepare(PrepareConfig(seq_len=20, lines_per_doc=8)))

@@ -16,8 +16,8 @@ from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId
 
 from flows.config import load_config
-from model.checkpoint import CheckpointError, load_model_from_checkpoint
-from model.store import latest, read_manifest
+from model.network.checkpoint import CheckpointError, load_model_from_checkpoint
+from model.store.outputs import latest, read_manifest
 from tests.helpers import run_twice_at_once
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
@@ -210,7 +210,7 @@ def test_report_scores_the_models_and_data_that_belong_together(data_dir):
     from flows.pipeline import homer_pipeline
     from flows.pretrain import pretrain
     from flows.report import report
-    from model.store import StoreError
+    from model.store.outputs import StoreError
 
     refs = homer_pipeline(load_config("sample", None, TINY))
     manifest = read_manifest(refs["report"].dir)

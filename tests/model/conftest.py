@@ -5,10 +5,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from model.network import ModelConfig
-from model.prepare import windows_of
-from model.shards import ShardWriter
-from model.vocab import build_vocab, count_chars
+from model.network.rnn import ModelConfig
+from model.data.prepare import windows_of
+from model.data.shards import ShardWriter
+from model.data.vocab import build_vocab, count_chars
 
 TEXT = "D'oh! Mmm... donuts. Woo-hoo! Why you little...! "
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-import model.checkpoint as ckpt
-from model.checkpoint import (CheckpointError, load_checkpoint, load_model_from_checkpoint, read_state,
+import model.network.checkpoint as ckpt
+from model.network.checkpoint import (CheckpointError, load_checkpoint, load_model_from_checkpoint, read_state,
                               resolve_checkpoint, save_checkpoint)
-from model.network import ModelConfig, build_model
-from model.vocab import build_vocab, count_chars
+from model.network.rnn import ModelConfig, build_model
+from model.data.vocab import build_vocab, count_chars
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from model.generate import generate, generate_refeed
-from model.network import ModelConfig, build_model
-from model.vocab import build_vocab, count_chars
+from model.generation.sampling import generate, generate_refeed
+from model.network.rnn import ModelConfig, build_model
+from model.data.vocab import build_vocab, count_chars
 
 PROMPT = "Mmm, donuts"
 

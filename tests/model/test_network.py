@@ -2,7 +2,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from model.network import ModelConfig, build_model, count_parameters, select_states
+from model.network.rnn import ModelConfig, build_model, count_parameters, select_states
 
 
 def test_published_model_has_about_9_3m_parameters():

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from model.prepare import (
+from model.data.prepare import (
     PrepareConfig,
     PrepareError,
     corpus_char_counts,
@@ -17,9 +17,9 @@ from model.prepare import (
     write_corpus,
     write_shards,
 )
-from model.shards import read_overlap, read_split
-from model.train import scored_chars
-from model.vocab import build_vocab
+from model.data.shards import read_overlap, read_split
+from model.training.loop import scored_chars
+from model.data.vocab import build_vocab
 
 
 def test_windows_cover_each_document_and_skip_short_ones():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from model.progress import TerminalProgress
+from model.training.progress import TerminalProgress
 
 
 def test_progress_line_on_a_terminal_and_silence_elsewhere(tmp_path):

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from model.sources import (
+from model.data.sources import (
     SAMPLE_SIMPSONS,
     SAMPLE_WIKIPEDIA,
     SimpsonsConfig,
@@ -145,7 +145,7 @@ def test_config_requires_path_for_local():
 
 
 def test_a_stream_that_breaks_is_retried_without_repeating_articles(monkeypatch):
-    import model.sources as sources
+    import model.data.sources as sources
 
     rows = [{"id": str(i), "text": f"article {i}"} for i in range(6)]
     calls = []
@@ -165,7 +165,7 @@ def test_a_stream_that_breaks_is_retried_without_repeating_articles(monkeypatch)
 
 
 def test_source_stamp_follows_the_file_content(tmp_path):
-    from model.sources import source_stamp
+    from model.data.sources import source_stamp
 
     path = tmp_path / "s.csv"
     path.write_text("raw_character_text,spoken_words\nHomer Simpson,D'oh!\n", encoding="utf-8")
@@ -188,7 +188,7 @@ def test_sample_files_are_package_data_listed_in_pyproject():
     from pathlib import Path
 
     import model
-    from model.sources import SAMPLE_FILES, files_stamp, sample_file, source_stamp
+    from model.data.sources import SAMPLE_FILES, files_stamp, sample_file, source_stamp
 
     package = Path(model.__file__).resolve().parent
     for source in SAMPLE_FILES:

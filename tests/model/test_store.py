@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from model.store import (
+from model.store.outputs import (
     StageRef,
     StoreError,
     check_writable,

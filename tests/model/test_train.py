@@ -12,12 +12,12 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from model.checkpoint import CheckpointError, load_model_from_checkpoint, read_state
-from model.network import ModelConfig
-from model.shards import ShardError, read_overlap
-from model.train import (NonFiniteLossError, TrainCallbacks, TrainConfig, TrainingStopped, _parse_overrides, evaluate,
+from model.network.checkpoint import CheckpointError, load_model_from_checkpoint, read_state
+from model.network.rnn import ModelConfig
+from model.data.shards import ShardError, read_overlap
+from model.training.loop import (NonFiniteLossError, TrainCallbacks, TrainConfig, TrainingStopped, _parse_overrides, evaluate,
                          lr_at_epoch, read_windows, train)
-from model.vocab import build_vocab, count_chars
+from model.data.vocab import build_vocab, count_chars
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -187,7 +187,7 @@ def test_sigkill_and_restart_gives_bit_identical_weights(tmp_path, corpus, tiny_
     def start(out: str) -> subprocess.Popen:
         sets = ["epochs=3", "batch_size=8", "checkpoint_every_steps=7", "log_every_steps=10", "device=cpu",
                 "early_stopping_patience=null", *(f"model.{k}={json.dumps(v)}" for k, v in tiny_model_config.model_dump().items())]
-        cmd = [sys.executable, "-m", "model.train", "--shards", str(shards), "--vocab", str(tmp_path / "vocab.json"),
+        cmd = [sys.executable, "-m", "model.training.loop", "--shards", str(shards), "--vocab", str(tmp_path / "vocab.json"),
                "--out", str(tmp_path / out), *(a for s in sets for a in ("--set", s))]
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
 
@@ -218,9 +218,9 @@ def test_sigkill_and_restart_gives_bit_identical_weights(tmp_path, corpus, tiny_
 
 def test_evaluation_scores_each_character_once(tiny_model_config):
     """A document's last, end-aligned window overlaps the one before: its repeated targets are skipped."""
-    from model.network import build_model
-    from model.prepare import windows_of
-    from model.train import scored_chars
+    from model.network.rnn import build_model
+    from model.data.prepare import windows_of
+    from model.training.loop import scored_chars
 
     text = "Mmm... doughnuts. Is there anything they can't do?"  # 50 characters
     vocab = build_vocab(count_chars([text]))
@@ -240,7 +240,7 @@ def test_evaluation_scores_each_character_once(tiny_model_config):
 
 def test_auto_precision_is_fp32_on_every_device():
     """bf16 stays an explicit choice until a GPU run shows it reaches the fp32 loss, faster."""
-    from model.train import resolve_precision
+    from model.training.loop import resolve_precision
 
     assert TrainConfig().precision == "auto"
     assert resolve_precision("auto", torch.device("cpu")) is None

@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from model.shards import ShardError, ShardWriter, list_shards, read_split
-from model.vocab import UNK_TOKEN, Vocab, VocabularyError, build_vocab, count_chars
+from model.data.shards import ShardError, ShardWriter, list_shards, read_split
+from model.data.vocab import UNK_TOKEN, Vocab, VocabularyError, build_vocab, count_chars
 
 
 def test_vocab_round_trip_and_unknown():

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.network import CharRNN, ModelConfig, build_model, count_parameters
-from model.vocab import Vocab
+from model.network.rnn import CharRNN, ModelConfig, build_model, count_parameters
+from model.data.vocab import Vocab
 
 FORMAT_VERSION = 1
 
@@ -225,7 +225,7 @@ def resolve_model(root, given, stages: tuple[str, ...] = ("finetune", "pretrain"
     """
     import hashlib
 
-    from model.store import LATEST, StageRef, StoreError, latest, output_dir, resolve
+    from model.store.outputs import LATEST, StageRef, StoreError, latest, output_dir, resolve
 
     root = Path(root)
     if isinstance(given, StageRef):

@@ -1,4 +1,4 @@
-"""The one `--set dotted.key=value` parser, for `homer` and `python -m model.train`.
+"""The one `--set dotted.key=value` parser, for `homer` and `python -m model.training.loop`.
 
 Values are read as YAML, so `5` is an int, `[64, 64]` a list, `1e-3` a float and `null`
 None; a value that is not valid YAML stays a string.

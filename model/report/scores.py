@@ -1,6 +1,6 @@
 """Evaluation and the report: bits per character on held-out text, samples, loss curves.
 
-    python -m model.report   # (used through the `report` stage; see flows/report.py)
+    python -m model.report.scores   # (used through the `report` stage; see flows/report.py)
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and workers
 import matplotlib.pyplot as plt  # noqa: E402
 
-from model.checkpoint import load_model_from_checkpoint  # noqa: E402
-from model.shards import read_overlap  # noqa: E402
-from model.train import evaluate, read_windows, resolve_device, scored_chars  # noqa: E402
+from model.network.checkpoint import load_model_from_checkpoint  # noqa: E402
+from model.data.shards import read_overlap  # noqa: E402
+from model.training.loop import evaluate, read_windows, resolve_device, scored_chars  # noqa: E402
 
 HEADLINE_SPLIT = "test"  # never read in training, never chose a model
 EVAL_SPLITS = ("test", "val")

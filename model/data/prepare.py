@@ -10,7 +10,7 @@ evaluation scores each character once), and written one shard at a time.
 
 Validation chooses `best/` and early stopping; test is read only by the report.
 
-    python -m model.prepare CORPUS.parquet VOCAB.json OUT_DIR --seq-len 100
+    python -m model.data.prepare CORPUS.parquet VOCAB.json OUT_DIR --seq-len 100
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from model.shards import DEFAULT_ROWS_PER_SHARD, ShardWriter
-from model.vocab import Vocab, count_chars
+from model.data.shards import DEFAULT_ROWS_PER_SHARD, ShardWriter
+from model.data.vocab import Vocab, count_chars
 
 CORPUS_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string())])
 SPLITS = ("train", "val", "test")  # test: never read in training, never chooses a model

@@ -19,8 +19,8 @@ import warnings
 import numpy as np
 import torch
 
-from model.network import CharRNN, select_states
-from model.vocab import Vocab
+from model.network.rnn import CharRNN, select_states
+from model.data.vocab import Vocab
 
 
 def _prompt_ids(vocab: Vocab, prompt: str) -> np.ndarray:

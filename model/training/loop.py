@@ -19,7 +19,7 @@ dir>`: its weights, a fresh optimizer and its own TrainConfig.
 
 Run it directly (Ctrl-C or SIGTERM saves last/ and stops; run again to resume):
 
-    python -m model.train --shards data/prepare/<fp>/shards/homer --vocab data/prepare/<fp>/vocab.json \\
+    python -m model.training.loop --shards data/prepare/<fp>/shards/homer --vocab data/prepare/<fp>/vocab.json \\
         --out /tmp/run --set epochs=2 --set model.hidden_sizes=[64,64] [--init-from CKPT_DIR]
 """
 
@@ -45,11 +45,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator
 
-from model.checkpoint import check_compatible, load_checkpoint, read_state, resolve_checkpoint, save_checkpoint
-from model.network import CharRNN, ModelConfig, build_model
-from model.overrides import apply_sets
-from model.shards import ShardError, read_overlap, read_split
-from model.vocab import Vocab
+from model.network.checkpoint import check_compatible, load_checkpoint, read_state, resolve_checkpoint, save_checkpoint
+from model.network.rnn import CharRNN, ModelConfig, build_model
+from model.training.overrides import apply_sets
+from model.data.shards import ShardError, read_overlap, read_split
+from model.data.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -587,7 +587,7 @@ def _parse_overrides(items: list[str]) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m model.training.loop", description=__doc__.split("\n")[0])
     parser.add_argument("--shards", required=True, help="directory of one corpus's train-/val- shards")
     parser.add_argument("--vocab", required=True, help="the vocab.json the shards were built with")
     parser.add_argument("--out", required=True, help="run directory (last/, best/, metrics.jsonl); resumed if present")

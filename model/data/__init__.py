@@ -1,0 +1,9 @@
+"""Data: where text comes from and what training reads.
+
+- `sources`: the ingest readers (Hugging Face hub, local files, the Kaggle CSV, the bundled sample)
+- `vocab`: the character vocabulary
+- `prepare`: corpora, the document split (train/val/test) and windows
+- `shards`: Parquet sequence shards, written and read
+
+May import: numpy, pyarrow, datasets, kagglehub, ftfy, pydantic. Nothing else of `model`.
+"""

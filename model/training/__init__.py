@@ -1,0 +1,8 @@
+"""The one training loop, for pretraining and fine-tuning.
+
+- `loop`: `train()`, a typed Session and small named steps (start, resume, train_step, validate, save)
+- `progress`: the live progress line in an interactive terminal
+- `overrides`: the one `--set dotted.key=value` parser
+
+May import: torch, numpy, `model.network`, `model.data`.
+"""
