@@ -117,11 +117,27 @@ def fail(exc: BaseException, code: int = 1):
     raise typer.Exit(code) from None
 
 
+def interrupted(exc: BaseException):
+    """Training stopped on request (Ctrl-C, SIGTERM): one line with the command that resumes it; 128 + the signal."""
+    import shlex
+    import signal
+
+    from tasks.train import STOPPED_BY
+
+    signum = STOPPED_BY["signal"] or signal.SIGINT
+    typer.echo(f"{exc}; `homer {shlex.join(sys.argv[1:])}` resumes", err=True)
+    raise typer.Exit(128 + int(signum)) from None
+
+
 def _run(fn, refs_of, *args, **kwargs):
     started = time.monotonic()
     try:
         result = fn(*args, **kwargs)
     except Exception as exc:
+        from prefect.exceptions import CancelledRun
+
+        if isinstance(exc, CancelledRun):
+            interrupted(exc)
         fail(exc)
     typer.echo(summarise(refs_of(result), time.monotonic() - started))
     return result
@@ -168,7 +184,8 @@ def _inputs(stage: str, items: List[str]) -> dict[str, str]:
 @app.command()
 def stage(
     name: str = typer.Argument(..., help=f"one of: {', '.join(STAGES)}"),
-    profile: str = ProfileOpt,
+    profile: Optional[str] = typer.Option(None, "--profile", "-p", help="start from this profile (default, cpu, sample) instead of "
+                                          "the config of the stage's latest output"),
     config: Optional[Path] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -178,11 +195,21 @@ def stage(
     if name not in STAGES:
         typer.echo(f"error: unknown stage {name!r}; choose one of {', '.join(STAGES)}", err=True)
         raise typer.Exit(2)
-    cfg = _config(profile, config, set_)
+    cfg = _config(profile or "default", config, set_)
     _apply_data_dir(data_dir)
     spec = STAGES[name]
     given = _inputs(name, input_ or [])
-    ref = _run(spec.load_flow(), lambda ref: {name: ref}, getattr(cfg, spec.section), **given, data_dir=str(data_root()))
+    # Like last time, with these changes: the stage's latest config, unless a profile was asked for.
+    start_from = "config" if profile else "latest"
+    from flows.config import stage_config
+
+    try:
+        _, origin = stage_config(data_root(), name, getattr(cfg, spec.section), start_from)
+    except Exception as exc:
+        fail(exc)
+    typer.echo(f"{name}: starting from {origin}")
+    ref = _run(spec.load_flow(), lambda ref: {name: ref}, getattr(cfg, spec.section), **given, data_dir=str(data_root()),
+               start_from=start_from)
     if name == "report":
         typer.echo("\n" + (ref.dir / "report.md").read_text(encoding="utf-8"))
 
@@ -250,6 +277,33 @@ def generate(
     typer.echo(f"# {len(texts)} sample(s) from {path}")
     for i, text in enumerate(texts, 1):
         typer.echo(f"--- sample {i}\n{text}")
+
+
+@app.command()
+def verify(
+    stages: Optional[List[str]] = typer.Argument(None, help=f"stages to check (default: all): {', '.join(STAGES)}", show_default=False),
+    data_dir: Optional[Path] = DataDirOpt,
+    sizes_only: bool = typer.Option(False, "--sizes-only", help="check each listed file's size only, not its checksum"),
+) -> None:
+    """Check every output of the stages against its manifest (sizes and checksums); exit 1 if one is damaged."""
+    from model.store.outputs import verify_stage
+
+    unknown = [name for name in stages or [] if name not in STAGES]
+    if unknown:
+        typer.echo(f"error: unknown stage(s) {', '.join(map(repr, unknown))}; choose from {', '.join(STAGES)}", err=True)
+        raise typer.Exit(2)
+    _apply_data_dir(data_dir)
+    root, damaged = data_root(), 0
+    for name in stages or list(STAGES):
+        rows = verify_stage(root, name, checksums=not sizes_only)
+        if not rows:
+            typer.echo(f"{'none':<10} {name}: no outputs under {root / name}")
+        for state, path, detail in rows:
+            damaged += state == "damaged"
+            typer.echo(f"{state:<10} {name}/{path.name}: {detail}")
+    if damaged:
+        typer.echo(f"error: {damaged} damaged output(s); re-run the stage named on each line to rebuild it", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -25,6 +25,7 @@ from model.data.sources import SimpsonsConfig, WikipediaConfig
 from model.training.loop import FinetuneTrainConfig, TrainConfig
 
 Profile = Literal["default", "sample", "cpu"]
+Temperature = Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)]  # a softmax temperature: finite, above 0
 
 
 class ConfigError(ValueError):
@@ -52,21 +53,21 @@ class GenerateConfig(BaseModel):
     prompt: str = Field("Marge, ", description="text the samples continue")
     length: int = Field(200, ge=1, le=100_000, description="characters to generate per sample")
     num_samples: int = Field(3, ge=1, le=1024, description="samples generated at once, as one batch")
-    temperature: float = Field(0.8, gt=0, description="softmax temperature")
-    top_k: int | None = Field(None, ge=1, description="sample from the k most likely characters only")
-    top_p: float | None = Field(None, gt=0, le=1, description="sample from the smallest set whose probability reaches p")
+    temperature: float = Field(0.8, gt=0, le=1000, allow_inf_nan=False, description="softmax temperature")
+    top_k: int | None = Field(None, ge=1, le=1_000_000, description="sample from the k most likely characters only")
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="sample from the smallest set whose probability reaches p")
     greedy: bool = Field(False, description="always take the most likely character")
-    beam_width: int | None = Field(None, ge=1, description="beam search with this many beams; returns the num_samples best beams, best first")
+    beam_width: int | None = Field(None, ge=1, le=1024, description="beam search with this many beams; returns the num_samples best beams, best first")
     seed: int = Field(0, description="random seed")
 
 
 class ReportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    temperatures: list[float] = Field([0.5, 1.0, 1.2], description="sampling temperatures shown in the report")
+    temperatures: list[Temperature] = Field([0.5, 1.0, 1.2], min_length=1, max_length=32, description="sampling temperatures shown in the report (each above 0)")
     prompt: str = Field("Marge, ", description="prompt of the report's samples")
-    length: int = Field(200, ge=1, description="characters per sample")
-    num_samples: int = Field(2, ge=1, description="samples per temperature")
+    length: int = Field(200, ge=1, le=100_000, description="characters per sample")
+    num_samples: int = Field(2, ge=1, le=1024, description="samples per temperature")
     seed: int = Field(0, description="random seed of the samples")
 
 
@@ -159,3 +160,61 @@ def load_config(profile: str = "default", file: str | Path | None = None, sets: 
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in the config:\n" + "\n".join(f"  {p.strip()}" if p.strip().startswith("-") else f"  - {p}" for p in problems))
     return config
+
+
+# ------------------------------------------------------------------ re-running one stage
+
+StartFrom = Literal["latest", "config"]
+
+
+def explicit_fields(model: BaseModel) -> dict:
+    """The fields of a config that were given (by a profile, a file, --set or run parameters), nested, as JSON."""
+    dump = model.model_dump(mode="json")
+    out = {}
+    for name in model.model_fields_set:
+        value = getattr(model, name)
+        out[name] = explicit_fields(value) if isinstance(value, BaseModel) else dump[name]
+    return out
+
+
+def start_from_latest(config: BaseModel, manifest_config: dict | None) -> BaseModel:
+    """`config` as a re-run means it: the config of the stage's latest output with only the given fields changed.
+
+    `manifest_config` is that output's config, from its manifest; None (no output yet) keeps
+    `config` as it is, defaults and all.
+    """
+    if manifest_config is None:
+        return config
+    return type(config).model_validate(deep_merge(manifest_config, explicit_fields(config)))
+
+
+def changed_fields(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ between two config dumps."""
+    names = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += changed_fields(a, b, f"{prefix}{key}.")
+        elif a != b:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+def stage_config(root, stage: str, config: BaseModel, start_from: StartFrom = "latest") -> tuple[BaseModel, str]:
+    """The config a run of one stage uses, and a line saying what it started from.
+
+    start_from="latest" (a stage run on its own: the CLI, its deployment, the UI's form) takes
+    the config of the stage's latest output and changes only the fields given; "config" (the
+    pipeline, an explicit --profile) uses `config` as it is.
+    """
+    from model.store.outputs import LATEST, latest
+
+    if start_from == "config":
+        return config, "the given config"
+    if not (Path(root) / stage / LATEST).exists():
+        return config, "the given config (no earlier output to start from)"
+    ref = latest(root, stage)  # a `latest` naming a missing or damaged output is an error, not a silent default
+    base = ref.manifest()["config"]
+    resolved = start_from_latest(config, base)
+    changed = changed_fields(base, resolved.model_dump(mode="json"))
+    return resolved, f"the config of {stage} {ref.fingerprint} (its latest output), changed: {', '.join(changed) or 'nothing'}"

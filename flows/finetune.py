@@ -9,9 +9,11 @@ optimizer and the fine-tuning schedule (1e-5 for 4 epochs, then decay).
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.exceptions import CancelledRun
+from prefect.states import Cancelled
 
-from flows.config import FinetuneConfig
+from flows.config import FinetuneConfig, StartFrom, stage_config
 from flows.naming import run_namer
 from model.network.checkpoint import resolve_model
 from model.store.outputs import StageRef, data_root, resolve
@@ -19,10 +21,11 @@ from tasks.common import run_stage_task
 from tasks.train import finetune_task
 
 
-@flow(name="finetune", flow_run_name=run_namer("finetune", {"lr": "config.train.learning_rate", "epochs": "config.train.epochs",
+@flow(name="finetune", flow_run_name=run_namer("finetune", {"from": "start_from", "lr": "config.train.learning_rate", "epochs": "config.train.epochs",
                                                             "from": "config.init_from"}))
 def finetune(config: FinetuneConfig = FinetuneConfig(), prepare: StageRef | str | None = None,
-             pretrain: StageRef | str | None = None, data_dir: str | None = None) -> StageRef:
+             pretrain: StageRef | str | None = None, data_dir: str | None = None,
+        start_from: StartFrom = "latest") -> StageRef:
     """Fine-tune a pretrained checkpoint on the character's lines at a low learning rate.
 
     Args:
@@ -31,8 +34,11 @@ def finetune(config: FinetuneConfig = FinetuneConfig(), prepare: StageRef | str 
             pretrained on (its manifest), else the latest
         pretrain: pretrain output (fingerprint or directory); empty = config.init_from, else the latest
         data_dir: artifact root (default: $HOMER_DATA_DIR or ./data)
+        start_from: latest = the config of this stage's latest output, changing only the fields given; config = as given
     """
     root = data_root(data_dir)
+    config, origin = stage_config(root, "finetune", config, start_from)
+    get_run_logger().info("config: started from %s", origin)
     if isinstance(pretrain, StageRef):
         start = pretrain
     elif pretrain:
@@ -42,4 +48,7 @@ def finetune(config: FinetuneConfig = FinetuneConfig(), prepare: StageRef | str 
     if prepare in (None, "") and start.stage == "pretrain":
         prepare = start.manifest()["inputs"]["prepare"]["fingerprint"]  # the data the model was pretrained on
     inputs = {"prepare": resolve(root, "prepare", prepare), "init": start}
-    return run_stage_task(finetune_task, "finetune", config, inputs, str(root))
+    try:
+        return run_stage_task(finetune_task, "finetune", config, inputs, str(root))
+    except CancelledRun as exc:  # training was interrupted on request: last/ holds the step to resume from
+        return Cancelled(message=str(exc))

@@ -12,22 +12,23 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.config import GenerateConfig
 from flows.naming import run_namer
-from model.network.checkpoint import load_model_from_checkpoint, model_checkpoint, resolve_model
+from model.network.checkpoint import choose_model, describe_model, load_model_from_checkpoint, model_checkpoint
 from model.generation.sampling import generate
 from model.store.outputs import data_root
 from tasks.common import artifact_key
 
 
-def sample(config: GenerateConfig, root: Path) -> tuple[Path, list[str]]:
-    path = model_checkpoint(resolve_model(root, config.checkpoint))
-    model, vocab, _ = load_model_from_checkpoint(path)
+def sample(config: GenerateConfig, root: Path) -> tuple[str, list[str]]:
+    """(which checkpoint was used and why, e.g. '<root>/finetune/<fp>/best (finetune/latest)', the samples)."""
+    ref, why = choose_model(root, config.checkpoint)
+    model, vocab, _ = load_model_from_checkpoint(model_checkpoint(ref))
     texts = generate(model, vocab, prompt=config.prompt, length=config.length, num_samples=config.num_samples,
                      temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, greedy=config.greedy,
                      beam_width=config.beam_width, seed=config.seed)
-    return path, texts
+    return describe_model(ref, why), texts
 
 
-def samples_markdown(path: Path, config: GenerateConfig, texts: list[str]) -> str:
+def samples_markdown(path: Path | str, config: GenerateConfig, texts: list[str]) -> str:
     head = (f"# Samples from `{path}`\n\nprompt {config.prompt!r}, temperature {config.temperature}, top-k {config.top_k}, "
             f"top-p {config.top_p}, greedy {config.greedy}, beam {config.beam_width}, seed {config.seed}\n")
     return head + "".join(f"\n## Sample {i + 1}\n\n```\n{t}\n```\n" for i, t in enumerate(texts))

@@ -17,6 +17,8 @@ import contextvars
 from concurrent.futures import ThreadPoolExecutor
 
 from prefect import flow
+from prefect.exceptions import CancelledRun
+from prefect.states import Cancelled
 
 from flows.config import PipelineConfig
 from flows.naming import run_namer
@@ -41,7 +43,7 @@ def homer_pipeline(config: PipelineConfig = PipelineConfig(), data_dir: str | No
     check_writable(root)
     sources = [stage for stage in STAGES.values() if not stage.inputs]
     with ThreadPoolExecutor(max_workers=len(sources)) as pool:  # the ingests at the same time
-        running = {s.name: _in_thread(pool, s.load_flow(), getattr(config, s.section), str(root)) for s in sources}
+        running = {s.name: _in_thread(pool, s.load_flow(), getattr(config, s.section), str(root), "config") for s in sources}
         refs = {name: future.result() for name, future in running.items()}
     unused = {"pretrain"} if config.finetune.init_from else set()  # fine-tuning starts from init_from instead
     for stage in STAGES.values():
@@ -49,5 +51,9 @@ def homer_pipeline(config: PipelineConfig = PipelineConfig(), data_dir: str | No
             # An input nothing produced (pretrain, when unused) is None: the stage reads it from its own config
             # (finetune.init_from) or from the output it belongs with (the report reads the finetune manifest).
             inputs = {param: refs.get(upstream) for param, upstream in stage.inputs.items()}
-            refs[stage.name] = stage.load_flow()(getattr(config, stage.section), **inputs, data_dir=str(root))
+            try:
+                refs[stage.name] = stage.load_flow()(getattr(config, stage.section), **inputs, data_dir=str(root),
+                                                     start_from="config")
+            except CancelledRun as exc:  # a stage was interrupted on request: so is the pipeline
+                return Cancelled(message=str(exc))
     return refs

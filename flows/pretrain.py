@@ -9,25 +9,34 @@ With no input it trains on the latest `prepare` output. Interrupted, it resumes 
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.exceptions import CancelledRun
+from prefect.states import Cancelled
 
-from flows.config import PretrainConfig
+from flows.config import PretrainConfig, StartFrom, stage_config
 from flows.naming import run_namer
 from model.store.outputs import StageRef, data_root, resolve
 from tasks.common import run_stage_task
 from tasks.train import pretrain_task
 
 
-@flow(name="pretrain", flow_run_name=run_namer("pretrain", {"cell": "config.model.cell", "hidden": "config.model.hidden_sizes",
+@flow(name="pretrain", flow_run_name=run_namer("pretrain", {"from": "start_from", "cell": "config.model.cell", "hidden": "config.model.hidden_sizes",
                                                             "lr": "config.train.learning_rate", "epochs": "config.train.epochs"}))
-def pretrain(config: PretrainConfig = PretrainConfig(), prepare: StageRef | str | None = None, data_dir: str | None = None) -> StageRef:
+def pretrain(config: PretrainConfig = PretrainConfig(), prepare: StageRef | str | None = None, data_dir: str | None = None,
+        start_from: StartFrom = "latest") -> StageRef:
     """Pretrain the character model on the articles' shards (published recipe by default).
 
     Args:
         config: the network and the training loop
         prepare: prepare output (fingerprint or directory); empty = the latest
         data_dir: artifact root (default: $HOMER_DATA_DIR or ./data)
+        start_from: latest = the config of this stage's latest output, changing only the fields given; config = as given
     """
     root = data_root(data_dir)
+    config, origin = stage_config(root, "pretrain", config, start_from)
+    get_run_logger().info("config: started from %s", origin)
     inputs = {"prepare": resolve(root, "prepare", prepare)}
-    return run_stage_task(pretrain_task, "pretrain", config, inputs, str(root))
+    try:
+        return run_stage_task(pretrain_task, "pretrain", config, inputs, str(root))
+    except CancelledRun as exc:  # training was interrupted on request: last/ holds the step to resume from
+        return Cancelled(message=str(exc))

@@ -12,10 +12,10 @@ contradicts it is refused.
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.config import ReportConfig
+from flows.config import ReportConfig, StartFrom, stage_config
 from flows.naming import run_namer
 from model.store.outputs import StageRef, StoreError, data_root, read_manifest, resolve
 from tasks.artifacts import png_markdown
@@ -46,9 +46,10 @@ def belonging_inputs(root, finetune: StageRef, prepare: StageRef | str | None, p
     return {"prepare": data, "pretrain": start, "finetune": finetune}
 
 
-@flow(name="report", flow_run_name=run_namer("report", {"temperatures": "config.temperatures"}))
+@flow(name="report", flow_run_name=run_namer("report", {"from": "start_from", "temperatures": "config.temperatures"}))
 def report(config: ReportConfig = ReportConfig(), prepare: StageRef | str | None = None, pretrain: StageRef | str | None = None,
-           finetune: StageRef | str | None = None, data_dir: str | None = None) -> StageRef:
+           finetune: StageRef | str | None = None, data_dir: str | None = None,
+        start_from: StartFrom = "latest") -> StageRef:
     """Evaluate both checkpoints on held-out text and sample from the fine-tuned one.
 
     Args:
@@ -57,8 +58,11 @@ def report(config: ReportConfig = ReportConfig(), prepare: StageRef | str | None
         pretrain: pretrain output; empty = the one the fine-tuned model started from (must match if given)
         finetune: finetune output (fingerprint or directory); empty = the latest
         data_dir: artifact root (default: $HOMER_DATA_DIR or ./data)
+        start_from: latest = the config of this stage's latest output, changing only the fields given; config = as given
     """
     root = data_root(data_dir)
+    config, origin = stage_config(root, "report", config, start_from)
+    get_run_logger().info("config: started from %s", origin)
     inputs = belonging_inputs(root, resolve(root, "finetune", finetune), prepare, pretrain)
     ref = run_stage_task(report_task, "report", config, inputs, str(root))
     # The UI cannot show a relative image (nor a file:// one): the artifacts carry the PNG itself.

@@ -1,19 +1,24 @@
 """Shared task plumbing: input-keyed cache keys and Prefect artifacts for stage outputs.
 
 A stage task's cache key is its output fingerprint, and only while that output is
-complete on disk: Prefect shows a re-run as Cached, and a deleted output is rebuilt.
+complete on disk (its manifest parses and every file it lists is there at its size):
+Prefect shows a re-run as Cached, and a deleted or damaged output is rebuilt (a damaged
+one is first moved aside to `<fp>.damaged-<time>`). Before a stage runs, its inputs'
+checksums are checked, so it never builds on damaged data.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from model.data.sources import source_stamp
-from model.store.outputs import StageRef, data_root, fingerprint, is_complete, output_dir, set_latest
+from model.store.outputs import (MANIFEST, StageRef, data_root, fingerprint, inspect_output, is_complete, output_dir, set_aside,
+                                 set_latest, verify_output)
 from tasks.artifacts import location_markdown
 from tasks.stages import STAGES
 
@@ -26,10 +31,37 @@ def stage_fingerprint(stage: str, config: Any, inputs: dict[str, StageRef] | Non
     return fingerprint(stage, config, keys, STAGES[stage].code_version)
 
 
+def _logger():
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # outside a flow or task run
+        return logging.getLogger("homer")
+
+
 def complete_ref(root: Path, stage: str, fp: str) -> StageRef | None:
-    """The ref of a complete output with this fingerprint, or None (run_stage_task updates latest)."""
+    """The ref of a complete output with this fingerprint, or None (run_stage_task updates latest).
+
+    A damaged output (its manifest does not parse, or a file it lists is missing or of
+    another size) is moved aside to `<fp>.damaged-<time>` so the stage rebuilds it.
+    """
     out = output_dir(root, stage, fp)
-    return StageRef(stage=stage, fingerprint=fp, path=str(out)) if is_complete(out) else None
+    state, problems = inspect_output(out, checksums=False)
+    if state == "complete":
+        return StageRef(stage=stage, fingerprint=fp, path=str(out))
+    if state == "damaged":
+        moved = set_aside(out)
+        if moved is not None:
+            _logger().warning("%s: the %s output %s is damaged; moved it to %s and rebuilding it", problems[0], stage, out, moved)
+    return None
+
+
+def verify_inputs(inputs: dict[str, StageRef] | None) -> None:
+    """Check the checksums of every input that is a stage output; a StoreError names a damaged file and its stage."""
+    for ref in (inputs or {}).values():
+        if isinstance(ref, StageRef) and (ref.dir / MANIFEST).is_file():  # a bare checkpoint has no manifest
+            verify_output(ref.dir, ref.stage, checksums=True)
 
 
 def stage_cache_key(stage: str):
@@ -51,6 +83,8 @@ def run_stage_task(stage_task, stage: str, config: Any, inputs: dict[str, StageR
     """
     fp = stage_fingerprint(stage, config, inputs)
     complete = is_complete(output_dir(data_root(root), stage, fp))
+    if not complete:
+        verify_inputs(inputs)  # it will read them: checksums, not only sizes
     task = stage_task.with_options(refresh_cache=not complete)
     kwargs = {"config": config, "root": root}
     if inputs is not None:

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
 from model.data.prepare import PrepareConfig, corpus_char_counts, group_lines, write_corpus, write_shards
-from model.data.sources import SimpsonsConfig, WikipediaConfig, download_simpsons, read_simpsons_csv, read_wikipedia
+from model.data.sources import (SimpsonsConfig, SourceError, WikipediaConfig, download_simpsons, read_simpsons_csv, read_wikipedia,
+                                wikipedia_location)
 from model.store.outputs import StageRef, data_root, manifest_for, output_dir, staging, write_manifest
 from model.data.vocab import build_vocab
 from tasks.common import complete_ref, stage_cache_key, stage_fingerprint
@@ -47,8 +48,12 @@ def ingest_wikipedia_task(config: WikipediaConfig, root: str | None = None, inpu
             if batch:
                 writer.write_table(pa.Table.from_pylist(batch, schema=ARTICLE_SCHEMA))
         if not articles:
-            raise ValueError(f"no article with text among the {drops['empty_text']} read from wikipedia.source={config.source}")
-        counts = {"articles": articles, "chars": chars, "dropped_empty_text": drops["empty_text"], "seconds": round(time.monotonic() - started, 2)}
+            raise SourceError(f"{wikipedia_location(config)}: no article with text among the {drops['empty_text'] + drops['bad_rows']} rows "
+                              f"read ({drops['empty_text']} with empty text, {drops['bad_rows']} skipped as bad rows); "
+                              f"check wikipedia.source={config.source}" + (" and wikipedia.path" if config.source == "local" else ""))
+        counts = {"articles": articles, "chars": chars, "dropped_empty_text": drops["empty_text"],
+                  "skipped_bad_rows": drops["bad_rows"], "dropped_control_chars": drops["control_chars"],
+                  "seconds": round(time.monotonic() - started, 2)}
         write_manifest(tmp, manifest_for(stage, fp, config, {}, counts))
     return StageRef(stage=stage, fingerprint=fp, path=str(output_dir(root, stage, fp)))
 
@@ -62,7 +67,7 @@ def ingest_simpsons_task(config: SimpsonsConfig, root: str | None = None, inputs
     started = time.monotonic()
     csv_path = download_simpsons(config)
     setting = {"local": "simpsons.path", "sample": "the bundled sample", "kaggle": "simpsons.handle"}[config.source]
-    lines, counts = read_simpsons_csv(csv_path, config.character, setting)
+    lines, counts = read_simpsons_csv(csv_path, config.character, setting, config.control_chars, config.on_bad_rows)
     with staging(root, stage, fp) as tmp:
         pq.write_table(pa.Table.from_pylist(lines, schema=LINE_SCHEMA), tmp / "lines.parquet", compression="zstd")
         counts = dict(counts, chars=sum(len(x["text"]) for x in lines), seconds=round(time.monotonic() - started, 2))

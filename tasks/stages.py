@@ -37,9 +37,9 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
-    Stage("ingest-wikipedia", "wikipedia", "flows.ingest_wikipedia.ingest_wikipedia", "1",
+    Stage("ingest-wikipedia", "wikipedia", "flows.ingest_wikipedia.ingest_wikipedia", "2",  # 2: local files read here (any encoding, compression); bad-row and control-character counts
           "articles from the Hugging Face hub, a local file or folder, or the bundled sample"),
-    Stage("ingest-simpsons", "simpsons", "flows.ingest_simpsons.ingest_simpsons", "1",
+    Stage("ingest-simpsons", "simpsons", "flows.ingest_simpsons.ingest_simpsons", "2",  # 2: strict CSV; bad-row and control-character counts
           "the character's lines from the Kaggle data set, a local CSV, or the bundled sample"),
     Stage("prepare", "prepare", "flows.prepare.prepare", "2",  # 2: a test split; shards carry `overlap`
           "corpora, vocabulary, train/val/test shards",

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from prefect import get_run_logger, task
+from prefect.states import Cancelled
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from model.network.checkpoint import CheckpointError, model_checkpoint, read_state, resolve_checkpoint
@@ -47,12 +48,16 @@ def _retry_unless_final(_task, _run, state) -> bool:
     return True
 
 
+STOPPED_BY: dict[str, int | None] = {"signal": None}  # the signal that stopped the last training in this process
+
+
 class _StopFlag:
     """Set by SIGTERM/SIGINT (a cancelled or stopped run) so training saves last/ and stops."""
 
     def __init__(self):
         self.stop = False
         self.previous = {}
+        STOPPED_BY["signal"] = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -62,6 +67,7 @@ class _StopFlag:
 
     def _handle(self, signum, _frame):
         self.stop = True
+        STOPPED_BY["signal"] = signum
 
     def __exit__(self, *_):
         for sig, handler in self.previous.items():
@@ -164,7 +170,7 @@ def plan_steps(shards_dir: Path, cfg: TrainConfig) -> int:
 
 
 def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: TrainConfig, prepare: StageRef,
-                corpus: str, inputs: dict[str, StageRef], root: str, init_from: Path | None = None) -> StageRef:
+                corpus: str, inputs: dict[str, StageRef], root: str, init_from: Path | None = None) -> StageRef | Cancelled:
     """Train one stage into its fingerprinted output directory (resuming if it was interrupted)."""
     root = data_root(root)
     fp = stage_fingerprint(stage, config, inputs)
@@ -191,6 +197,9 @@ def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: 
             try:
                 result = train(model_config=model_config, train_config=train_config, shards_dir=shards, out_dir=out,
                                vocab=vocab, init_from=init_from, callbacks=callbacks)
+            except TrainingStopped as exc:  # asked for (Ctrl-C, SIGTERM, a cancel from the UI): not a failure
+                log.info("%s; last/ holds step %d", exc, exc.step)
+                return Cancelled(message=f"interrupted at step {exc.step}")
             finally:
                 terminal.close()  # end the progress line before anything else is printed
             finished()

@@ -41,8 +41,8 @@ class PrepareConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seq_len: int = Field(100, ge=1, le=100_000, description="characters per training sequence (windows hold seq_len + 1 ids)")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of documents (by id hash) held out for validation: chooses best/ and early stopping")
-    test_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of documents (by id hash) held out for the report's test figures; never read in training")
+    val_fraction: float = Field(0.1, gt=0, lt=1, allow_inf_nan=False, description="fraction of documents (by id hash) held out for validation: chooses best/ and early stopping")
+    test_fraction: float = Field(0.1, gt=0, lt=1, allow_inf_nan=False, description="fraction of documents (by id hash) held out for the report's test figures; never read in training")
     min_count: int = Field(1, ge=1, description="keep characters seen at least this many times; rarer ones become the unknown token")
     lines_per_doc: int = Field(20, ge=1, description="consecutive lines of the character grouped into one document")
     rows_per_shard: int = Field(DEFAULT_ROWS_PER_SHARD, ge=1, description="windows per Parquet shard (bounds memory while writing)")

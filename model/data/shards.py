@@ -120,8 +120,15 @@ class ShardWriter:
                 p.unlink(missing_ok=True)
 
 
+def _remake(path) -> str:
+    """': the prepare output <dir> is damaged; re-run ...' when `path` lies in a stage output, else a plain hint."""
+    from model.store.outputs import damaged_file_hint
+
+    return damaged_file_hint(Path(path)) or "; re-run the prepare stage"
+
+
 def list_shards(shards_dir, split: str) -> list[Path]:
-    """The split's shard paths in order; raises if one of the `-of-n` set is missing."""
+    """The split's shard paths in order; raises, naming the missing file, if one of the `-of-n` set is missing."""
     shards_dir = Path(shards_dir)
     found = {}
     for path in shards_dir.glob(f"{split}-*.parquet"):
@@ -129,16 +136,28 @@ def list_shards(shards_dir, split: str) -> list[Path]:
         if m and m["split"] == split:
             found[int(m["i"])] = (int(m["n"]), path)
     if not found:
-        raise ShardError(f"{shards_dir}: no {split} shards; run the prepare stage first")
+        hint = _remake(shards_dir)
+        raise ShardError(f"{shards_dir}: no {split} shards" + (hint if "damaged" in hint else "; run the prepare stage first"))
     totals = {n for n, _ in found.values()}
     n = max(totals)
     if len(totals) != 1 or sorted(found) != list(range(n)):
-        raise ShardError(f"{shards_dir}: {split} shards are incomplete (found {sorted(found)} of {n}); re-run prepare")
+        missing = [shards_dir / shard_name(split, i, n) for i in range(n) if i not in found]
+        what = f"{missing[0]} is missing" if missing else f"shards of different sets ({sorted(totals)})"
+        raise ShardError(f"{shards_dir}: {split} shards are incomplete (found {sorted(found)} of {n}; {what})"
+                         f"{_remake(shards_dir)}")
     return [found[i][1] for i in range(n)]
 
 
+def _read(path: Path, columns: list[str]) -> pa.Table:
+    """pq.read_table with an error naming the shard and the stage that remakes it (a truncated file, say)."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise ShardError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}){_remake(path)}") from exc
+
+
 def shard_metadata(path) -> dict:
-    meta = pq.read_schema(path).metadata or {}
+    meta = _schema(path).metadata or {}
     out = {k.decode(): v.decode() for k, v in meta.items() if not k.startswith(b"ARROW")}
     if "seq_len" in out:
         out["seq_len"] = int(out["seq_len"])
@@ -150,7 +169,7 @@ def read_split(shards_dir, split: str) -> tuple[np.ndarray, dict]:
     paths = list_shards(shards_dir, split)
     blocks, meta = [], None
     for path in paths:
-        table = pq.read_table(path, columns=["ids"])
+        table = _read(path, ["ids"])
         this = shard_metadata(path)
         if meta is None:
             meta = this
@@ -164,11 +183,19 @@ def read_split(shards_dir, split: str) -> tuple[np.ndarray, dict]:
     return windows.astype(np.uint16, copy=False), meta
 
 
+def _schema(path) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ShardError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}){_remake(path)}") from exc
+
+
 def read_overlap(shards_dir, split: str) -> np.ndarray:
     """(N,) uint32 per window of the split: leading targets already held by the window before it."""
     blocks = []
     for path in list_shards(shards_dir, split):
-        if "overlap" not in pq.read_schema(path).names:
+        table = _read(path, ["overlap"]) if "overlap" in _schema(path).names else None
+        if table is None:
             raise ShardError(f"{path}: no `overlap` column (written by an older prepare); re-run the prepare stage")
-        blocks.append(pq.read_table(path, columns=["overlap"]).column("overlap").to_numpy().astype(np.uint32, copy=False))
+        blocks.append(table.column("overlap").to_numpy().astype(np.uint32, copy=False))
     return np.concatenate(blocks) if blocks else np.zeros(0, np.uint32)

@@ -10,18 +10,27 @@ reports what it dropped and why, so a manifest can count every row.
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import csv
 import difflib
+import gzip
 import hashlib
+import json
 import logging
+import lzma
 import os
+import random
+import re
+import shlex
 import socket
 import time
+import unicodedata
 from collections import Counter
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 from urllib.parse import urlparse
 
 import ftfy
@@ -49,6 +58,10 @@ SIMPSONS_COLUMNS = ("raw_character_text", "spoken_words")
 ARTICLE_COLUMNS = ("id", "url", "title", "text")
 
 
+CONTROL_CHARS_HELP = ("control characters in the text (Unicode category Cc: NUL, escape, ...; tab and line breaks are fine): "
+                      "error names file, row and column; drop removes them, counted as dropped_control_chars in the manifest")
+
+
 class SourceError(ValueError):
     """A source cannot be read; the message names the file, row or field and the fix."""
 
@@ -63,9 +76,11 @@ class WikipediaConfig(BaseModel):
     path: str | None = Field(None, description="for source=local: a Parquet or JSON Lines file or folder with a `text` column, or a folder of .txt files (one article each)")
     max_articles: int = Field(8000, gt=0, description="take the first N articles of the stream")
     shuffle_buffer: int = Field(0, ge=0, description="if > 0, shuffle the stream with a seeded buffer of this size before taking N")
-    seed: int = Field(0, description="seed of the shuffle buffer")
-    retries: int = Field(2, ge=0, description="retries on network errors, with exponential backoff", json_schema_extra={"fingerprint": False})
-    backoff_s: float = Field(1.0, ge=0, description="first retry delay in seconds; doubles each retry", json_schema_extra={"fingerprint": False})
+    seed: int = Field(0, ge=0, description="seed of the shuffle buffer")
+    control_chars: Literal["error", "drop"] = Field("error", description=CONTROL_CHARS_HELP)
+    on_bad_rows: Literal["error", "skip"] = Field("error", description="a row that is not an article (a value of the wrong type, e.g. a number in `text`; a JSON Lines line that is not a JSON object): error names file, row and column; skip leaves it out, counted as skipped_bad_rows in the manifest")
+    retries: int = Field(2, ge=0, le=100, description="retries on network errors, with exponential backoff", json_schema_extra={"fingerprint": False})
+    backoff_s: float = Field(1.0, ge=0, le=3600, allow_inf_nan=False, description="first retry delay in seconds; doubles each retry", json_schema_extra={"fingerprint": False})
 
     @model_validator(mode="after")
     def _path_for_local(self):
@@ -82,6 +97,8 @@ class SimpsonsConfig(BaseModel):
     file_name: str = Field("simpsons_dataset.csv", description="the CSV inside the downloaded data set")
     path: str | None = Field(None, description="for source=local: the CSV file (or a folder holding file_name)")
     character: str = Field("Homer Simpson", description="keep the lines whose raw_character_text is exactly this")
+    control_chars: Literal["error", "drop"] = Field("error", description=CONTROL_CHARS_HELP)
+    on_bad_rows: Literal["error", "skip"] = Field("error", description="a row that cannot be used (a CSV row with the wrong number of fields, a value of the wrong type in a Parquet input): error names its row and column; skip leaves it out, counted as skipped_bad_rows in the manifest. An unterminated quote is always an error")
 
     @model_validator(mode="after")
     def _path_for_local(self):
@@ -126,65 +143,514 @@ def source_stamp(cfg: "WikipediaConfig | SimpsonsConfig") -> str | None:
     return None
 
 
-def check_utf8(path: Path) -> None:
-    """Raise naming the line and byte offset of the first byte sequence that is not UTF-8."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset, line = 0, 1
+# ---------------------------------------------------------------------------- what a file is, from its bytes
+
+# Compression, told by the first bytes, never by the name: (magic, name, tool that decompresses it).
+COMPRESSIONS = ((b"\x1f\x8b", "gzip", "gzip"), (b"BZh", "bz2", "bzip2"), (b"\xfd7zXZ\x00", "xz", "xz"),
+                (b"\x28\xb5\x2f\xfd", "zstd", "zstd"))
+COMPRESSION_SUFFIXES = (".gz", ".gzip", ".bz2", ".xz", ".zst", ".zstd")
+# Containers no reader here opens as text: (magic, what it is, how to get the text out of it).
+CONTAINERS = (
+    (b"PK\x03\x04", "a zip archive (an .xlsx workbook is one too)",
+     "unzip it (`unzip -l {file}` lists what it holds; save a workbook as CSV UTF-8)"),
+    (b"PK\x05\x06", "an empty zip archive", "find the data file itself"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive", "extract it (`7z x {file}`)"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "an old Excel/Office document", "save it as CSV UTF-8"),
+    (b"%PDF", "a PDF document", "find the data file itself"),
+)
+# Byte-order marks: UTF-32 before UTF-16 (FF FE 00 00 starts with FF FE).
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le", "UTF-32LE"), (codecs.BOM_UTF32_BE, "utf-32-be", "UTF-32BE"),
+        (codecs.BOM_UTF8, "utf-8", "UTF-8"), (codecs.BOM_UTF16_LE, "utf-16-le", "UTF-16LE"),
+        (codecs.BOM_UTF16_BE, "utf-16-be", "UTF-16BE"))
+HEAD_BYTES = 4096  # what the sniffer reads (after decompression)
+CHUNK_BYTES = 1 << 20
+# Unicode category Cc (C0, DEL, C1) less tab, line feed and carriage return.
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+C0_NAMES = ("NUL SOH STX ETX EOT ENQ ACK BEL BS HT LF VT FF CR SO SI DLE DC1 DC2 DC3 DC4 NAK SYN ETB CAN EM SUB ESC "
+            "FS GS RS US").split()
+
+
+def _zstandard():
+    try:
+        import zstandard  # optional: only zstd-compressed inputs need it
+    except ImportError:
+        return None
+    return zstandard
+
+
+@dataclass(frozen=True)
+class FileKind:
+    """What a file holds, told from its bytes: compression, then Parquet, a container or text in an encoding."""
+
+    path: Path
+    compression: str | None = None  # gzip, bz2, xz, zstd
+    content: str = "text"  # text, parquet, or "unreadable" (then `what` and `fix` say why)
+    encoding: str = "utf-8"  # the Python codec of text (no BOM: UTF-8 is assumed and checked as it is read)
+    bom: int = 0  # bytes of byte-order mark to skip
+    bom_name: str | None = None  # e.g. UTF-16LE, when a BOM said so
+    what: str = ""  # for an unreadable file: what it is
+    fix: str = ""  # for an unreadable file: what to do ({file} is filled in)
+    out: Path | None = None  # the readable file that `fix` makes, where it names one
+    head: bytes = b""  # the first bytes after decompression
+
+    @property
+    def label(self) -> str:
+        inner = {"parquet": "a Parquet file"}.get(self.content) or (f"{self.bom_name} text with a byte-order mark" if self.bom_name else "text")
+        return f"{self.compression}-compressed {inner}" if self.compression else inner
+
+    def refusal(self, setting: str) -> str:
+        fix = self.fix.replace("{file}", shlex.quote(str(self.path)))
+        return f"{self.path}: the file is {self.what}; {fix}, then {_redirect(setting, self.out)}"
+
+
+def _tool(compression: str) -> str:
+    return next(tool for _, name, tool in COMPRESSIONS if name == compression)
+
+
+def _plain_name(path: Path) -> Path:
+    """The path without a compression suffix (a.csv.gz -> a.csv)."""
+    return path.with_suffix("") if path.suffix.lower() in COMPRESSION_SUFFIXES else path
+
+
+def _converted_name(path: Path, tag: str) -> Path:
+    """Where a converted copy of `path` can go: a.csv -> a.<tag>.csv, next to it."""
+    plain = _plain_name(path)
+    return plain.with_name(f"{plain.stem}.{tag}{plain.suffix}")
+
+
+def _redirect(setting: str, new: Path | None) -> str:
+    """How to read another file instead (None: the one the user gets out): the setting that names the path, or a local source."""
+    shown = shlex.quote(str(new)) if new is not None else "<that file>"
+    if setting.endswith(".path"):
+        return f"set {setting}={shown}"
+    source = setting.split(".")[0] if setting.split(".")[0] in ("simpsons", "wikipedia") else "simpsons"
+    return f"use {source}.source=local with {source}.path={shown}"
+
+
+def _open_compressed(path: Path, compression: str | None):
+    if compression == "gzip":
+        return gzip.open(path, "rb")
+    if compression == "bz2":
+        return bz2.open(path, "rb")
+    if compression == "xz":
+        return lzma.open(path, "rb")
+    if compression == "zstd":
+        return _zstandard().ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True, read_across_frames=True)
+    return open(path, "rb")
+
+
+def _decompression_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, lzma.LZMAError)
+    if (zstandard := _zstandard()) is not None:
+        errors += (zstandard.ZstdError,)
+    return errors
+
+
+def _damaged(path: Path, compression: str, exc: BaseException) -> SourceError:
+    return SourceError(f"{path}: the file is {compression}-compressed but its data is damaged or cut short "
+                       f"({type(exc).__name__}: {exc}); download or compress it again "
+                       f"(`{_tool(compression)} -t {shlex.quote(str(path))}` checks a copy)")
+
+
+def sniff(path: Path) -> FileKind:
+    """Tell what a file holds from its first bytes: compression, Parquet, an archive, or text in some encoding."""
+    path = Path(path)
     with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as exc:
-                bad = offset + exc.start
-                line += chunk[: exc.start].count(b"\n")
-                raise SourceError(
-                    f"{path}: line {line} (byte {bad}) is not valid UTF-8 ({chunk[exc.start:exc.start + 4]!r}); "
-                    f"re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
-                ) from None
-            line += chunk.count(b"\n")
-            offset += len(chunk)
+        magic = handle.read(8)
+    compression = next((name for sig, name, _ in COMPRESSIONS if magic.startswith(sig)), None)
+    if compression == "zstd" and _zstandard() is None:
+        plain = _plain_name(path) if _plain_name(path) != path else _converted_name(path, "decompressed")
+        return FileKind(path, compression, "unreadable",
+                        what="zstd-compressed, and this Python has no `zstandard` module to read it",
+                        fix=(f"install the module (`pip install zstandard`), or decompress it first "
+                             f"(`zstd -dc {{file}} > {shlex.quote(str(plain))}`)"), out=plain)
+    if compression:
         try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            raise SourceError(f"{path}: ends in the middle of a UTF-8 sequence; the file is truncated or not UTF-8") from None
+            with _open_compressed(path, compression) as raw:
+                head = raw.read(HEAD_BYTES)
+        except _decompression_errors() as exc:
+            raise _damaged(path, compression, exc) from None
+    else:
+        with open(path, "rb") as handle:
+            head = handle.read(HEAD_BYTES)
+    if head.startswith(b"PAR1"):
+        if compression:
+            plain = _plain_name(path) if _plain_name(path) != path else _converted_name(path, "decompressed")
+            return FileKind(path, compression, "unreadable", what=f"a {compression}-compressed Parquet file, which must be read uncompressed",
+                            fix=f"decompress it (`{_tool(compression)} -dc {{file}} > {shlex.quote(str(plain))}`)", out=plain, head=head)
+        return FileKind(path, None, "parquet", head=head)
+    for sig, what, fix in CONTAINERS:
+        if head.startswith(sig):
+            return FileKind(path, compression, "unreadable", what=(f"{compression}-compressed " if compression else "") + what,
+                            fix=fix, head=head)
+    for bom, codec, name in BOMS:
+        if head.startswith(bom):
+            return FileKind(path, compression, "text", codec, len(bom), name, head=head)
+    if no_bom := _utf16_or_32_without_bom(head):
+        out = _converted_name(path, "utf8")
+        source = (f"{_tool(compression)} -dc {{file}} | iconv -f {no_bom} -t UTF-8" if compression
+                  else f"iconv -f {no_bom} -t UTF-8 {{file}}")
+        return FileKind(path, compression, "unreadable", what=f"{no_bom} text without a byte-order mark (its bytes alternate with zeros)",
+                        fix=f"convert it (`{source} > {shlex.quote(str(out))}`)", out=out, head=head)
+    return FileKind(path, compression, "text", head=head)
+
+
+def _utf16_or_32_without_bom(head: bytes) -> str | None:
+    """UTF-16/32 text with no BOM: mostly-ASCII text has a zero in the same byte lanes of each code unit."""
+    for width, names in ((4, ("UTF-32LE", "UTF-32BE")), (2, ("UTF-16LE", "UTF-16BE"))):
+        units = len(head) // width
+        if units < 4:
+            continue
+        lanes = [sum(1 for i in range(lane, units * width, width) if head[i] == 0) / units for lane in range(width)]
+        if width == 4:
+            if min(lanes[1:]) > 0.9 and lanes[0] < 0.5:
+                return names[0]
+            if min(lanes[:3]) > 0.9 and lanes[3] < 0.5:
+                return names[1]
+        else:
+            if lanes[1] > 0.6 and lanes[0] < 0.2:
+                return names[0]
+            if lanes[0] > 0.6 and lanes[1] < 0.2:
+                return names[1]
+    return None
+
+
+def _guess_encoding(data: bytes) -> tuple[str, str] | None:
+    """(iconv name, description) of a legacy encoding that `data` plausibly is, or None; a guess, said as one."""
+    high = [b for b in data if b >= 0x80]
+    if not high:
+        return None
+    try:
+        as_1252 = data.decode("cp1252")
+    except UnicodeDecodeError:
+        as_1252 = None
+    if as_1252 is not None:
+        odd = [c for c in as_1252 if ord(c) >= 0x80]
+        # Western text: accented letters and typographic punctuation, rarely three in a row.
+        runs = re.findall(r"[^\x00-\x7f]{3,}", as_1252)
+        if all(c.isalpha() or unicodedata.category(c)[0] in "PSZ" for c in odd) and sum(map(len, runs)) <= len(odd) // 3:
+            return "CP1252", "Windows-1252 (Western European)"
+    try:
+        as_1251 = data.decode("cp1251")
+    except UnicodeDecodeError:
+        return None
+    odd = [c for c in as_1251 if ord(c) >= 0x80]
+    if sum("\u0400" <= c <= "\u04ff" for c in odd) >= 0.8 * len(odd):
+        return "CP1251", "Windows-1251 (Cyrillic)"
+    return None
+
+
+def _not_utf8(kind: FileKind, setting: str, line: int, offset: int, data: bytes, start: int) -> SourceError:
+    path, where = kind.path, f"byte {offset}" + (" of the decompressed data" if kind.compression else "")
+    out = _converted_name(path, "utf8")
+    guess = _guess_encoding(data[max(0, start - 2048): start + 2048])
+    encoding = guess[0] if guess else "ENCODING"
+    command = (f"{_tool(kind.compression)} -dc {shlex.quote(str(path))} | iconv -f {encoding} -t UTF-8" if kind.compression
+               else f"iconv -f {encoding} -t UTF-8 {shlex.quote(str(path))}")
+    command += f" > {shlex.quote(str(out))}"
+    said = (f"its bytes look like {guess[1]} text (a guess: if the file was saved in another encoding, put that one after -f)"
+            if guess else f"its encoding is not one this reader can guess (`file -i {shlex.quote(str(path))}` or the program "
+                          f"that wrote it may tell; put it in place of ENCODING)")
+    return SourceError(f"{path}: line {line} ({where}) is not valid UTF-8 ({data[start:start + 4]!r}); {said}. "
+                       f"Convert it: `{command}`, then {_redirect(setting, out)}")
+
+
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)")
+
+
+def read_lines(kind: FileKind, setting: str) -> Iterator[str]:
+    """The text lines of a file (line ends kept), decompressed and decoded as `kind` says.
+
+    Bytes that are not valid in the encoding raise a SourceError naming the line and byte
+    offset and how to convert the file; damaged compressed data raises naming the file.
+    """
+    if kind.content != "text":
+        raise SourceError(kind.refusal(setting) if kind.content == "unreadable" else f"{kind.path}: the file is {kind.label}, not text")
+    decoder = codecs.getincrementaldecoder(kind.encoding)()
+    offset, line, pending = 0, 1, ""
+    errors = _decompression_errors()
+    with _open_compressed(kind.path, kind.compression) as raw:
+        try:
+            if kind.bom:
+                offset = len(raw.read(kind.bom))
+            while True:
+                chunk = raw.read(CHUNK_BYTES)
+                final = not chunk
+                buffered = decoder.getstate()[0]
+                try:
+                    text = decoder.decode(chunk, final=final)
+                except UnicodeDecodeError as exc:
+                    data = buffered + chunk
+                    before = data[: exc.start].decode(kind.encoding, errors="replace").count("\n")
+                    bad_line, bad_offset = line + pending.count("\n") + before, offset - len(buffered) + exc.start
+                    if kind.encoding == "utf-8":
+                        raise _not_utf8(kind, setting, bad_line, bad_offset, data, exc.start) from None
+                    raise SourceError(f"{kind.path}: line {bad_line} (byte {bad_offset}) is not valid {kind.bom_name} "
+                                      f"although the file starts with a {kind.bom_name} byte-order mark; the file is damaged "
+                                      f"or mixes encodings: export it again as UTF-8") from None
+                offset += len(chunk)
+                pending += text
+                position = 0
+                for match in _LINE.finditer(pending):
+                    if not final and match.end() == len(pending) and pending.endswith("\r"):
+                        break  # a \r\n may be split between chunks
+                    yield match.group()
+                    line += match.group().endswith("\n")
+                    position = match.end()
+                pending = pending[position:]
+                if final:
+                    if pending:
+                        yield pending
+                    return
+        except errors as exc:
+            if not kind.compression:
+                raise
+            raise _damaged(kind.path, kind.compression, exc) from None
+
+
+def read_text(path: Path, setting: str) -> str:
+    """A whole text file, decompressed and decoded from its bytes."""
+    kind = sniff(path)
+    return "".join(read_lines(kind, setting))
+
+
+def check_utf8(path: Path, setting: str = "the file") -> None:
+    """Raise naming the line and byte offset of the first bytes that are not valid text (UTF-8 unless a BOM says otherwise)."""
+    for _ in read_lines(sniff(path), setting):
+        pass
 
 
 def check_file(path: Path, what: str, setting: str) -> None:
     if not path.exists():
         raise SourceError(f"{path}: no such {what}; check {setting}")
     if path.is_file() and path.stat().st_size == 0:
-        raise SourceError(f"{path}: the {what} is empty; check {setting}")
+        raise SourceError(f"{path}: the file is empty (0 bytes); check {setting}")
+
+
+def column_letter(index: int) -> str:
+    """A spreadsheet's name for a 0-based column: 0 -> A, 26 -> AA."""
+    letters = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        letters = chr(65 + rest) + letters
+    return letters
+
+
+def control_chars(value: str, where: str, column: str, mode: str, drops: Counter, source: str) -> str:
+    """`value` with no control characters: error names where, or drop removes them and counts them."""
+    match = CONTROL_CHARS.search(value)
+    if match is None:
+        return value
+    if mode == "drop":
+        cleaned, n = CONTROL_CHARS.subn("", value)
+        drops["control_chars"] += n
+        return cleaned
+    char = match.group()
+    code = ord(char)
+    name = C0_NAMES[code] if code < 0x20 else "DEL" if code == 0x7f else "a C1 control character"
+    raise SourceError(f"{where}, column {column}: control character U+{ord(char):04X} ({name}) at character {match.start() + 1}; "
+                      f"remove it from the file, or set {source}.control_chars=drop to drop such characters "
+                      f"(counted as dropped_control_chars in the manifest)")
+
+
+def bad_row(where: str, message: str, mode: str, drops: Counter, source: str) -> None:
+    """A row that cannot be used: raise (on_bad_rows=error) or count and log it (skip)."""
+    if mode == "skip":
+        drops["bad_rows"] += 1
+        log.warning("%s: %s; skipped (%s.on_bad_rows=skip)", where, message, source)
+        return
+    raise SourceError(f"{where}: {message}; fix the file, or set {source}.on_bad_rows=skip to skip such rows "
+                      f"(counted as skipped_bad_rows in the manifest)")
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def wrong_type(column: str, value: Any) -> str:
+    shown = repr(value)
+    return f"column {column} holds {_type_name(value)} {shown[:40] + ('…' if len(shown) > 40 else '')}, not text"
 
 
 # ---------------------------------------------------------------------------- Wikipedia
 
+ARTICLE_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".ndjson": "json", ".json": "json", ".txt": "text"}
 
-def _local_data_files(path: Path) -> tuple[str, list[str]]:
-    """The datasets builder name and the files for a local Wikipedia source."""
+
+def _article_format(kind: FileKind, single: bool) -> tuple[str | None, str]:
+    """(format, why not) of a local Wikipedia file: parquet by its bytes; JSON or text by its name, or its first byte when it is the only file."""
+    if kind.content == "parquet":
+        return "parquet", ""
+    if kind.content != "text":
+        return None, kind.what
+    named = ARTICLE_FORMATS.get(_plain_name(kind.path).suffix.lower())
+    if named == "parquet":
+        return None, f"named .parquet but it is {kind.label}, not Parquet (it starts with {kind.head[:8]!r})"
+    if named:
+        return named, ""
+    if single:
+        start = kind.head[kind.bom:].decode(kind.encoding, errors="ignore").lstrip()[:1]
+        return ("json" if start in ("{", "[") else "text"), ""
+    return None, f"{kind.label}, but not named .parquet, .jsonl/.json or .txt"
+
+
+def _local_files(path: Path) -> list[tuple[FileKind, str]]:
+    """The files of a local Wikipedia source with their formats; a folder is read whole or refused naming what is left out."""
     check_file(path, "file or folder", "wikipedia.path")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    by_kind = {
-        "parquet": [f for f in files if f.suffix == ".parquet"],
-        "json": [f for f in files if f.suffix in (".jsonl", ".json")],
-        "text": [f for f in files if f.suffix == ".txt"],
-    }
-    for builder, chosen in by_kind.items():
-        if chosen:
-            for f in chosen:
-                check_file(f, "file", "wikipedia.path")
-                if builder != "parquet":
-                    check_utf8(f)
-            return builder, [str(f) for f in chosen]
-    raise SourceError(f"{path}: found no .parquet, .jsonl/.json or .txt files; wikipedia.source=local needs one of those")
+    if path.is_file():
+        kind = sniff(path)
+        fmt, why = _article_format(kind, single=True)
+        if kind.content == "unreadable":
+            raise SourceError(kind.refusal("wikipedia.path"))
+        if fmt is None:
+            raise SourceError(f"{path}: the file is {why}; write it as Parquet, or name it .jsonl (JSON Lines) or .txt (one article)")
+        return [(kind, fmt)]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise SourceError(f"{path}: the folder holds no files; wikipedia.path needs Parquet, JSON Lines or .txt files")
+    chosen, left_out = [], []
+    for f in files:
+        if f.stat().st_size == 0:
+            left_out.append((f, "empty (0 bytes)"))
+            continue
+        try:
+            kind = sniff(f)
+        except SourceError as exc:
+            left_out.append((f, str(exc).split(": ", 1)[1]))
+            continue
+        fmt, why = _article_format(kind, single=False)
+        if fmt is None:
+            left_out.append((f, why))
+        else:
+            chosen.append((kind, fmt))
+    if left_out:
+        shown = "; ".join(f"{f.relative_to(path)} ({why})" for f, why in left_out[:10])
+        more = f"; and {len(left_out) - 10} more" if len(left_out) > 10 else ""
+        raise SourceError(
+            f"{path}: {len(left_out)} of {len(files)} files cannot be read as articles, so the folder would not be read whole: "
+            f"{shown}{more}. Move them out of the folder (or convert them to .parquet, .jsonl or UTF-8 .txt), "
+            f"or set wikipedia.path to one file")
+    return chosen
 
 
-def _article(row: dict, index: int, titles: list[str] | None) -> dict:
-    return {
-        "id": str(row.get("id") if row.get("id") is not None else index),
-        "url": str(row.get("url") or ""),
-        "title": str(row.get("title") or (titles[index] if titles else "")),
-        "text": row.get("text") or "",
-    }
+def _title_of(path: Path) -> str:
+    return _plain_name(path).stem.replace("_", " ")
+
+
+def _parquet_rows(path: Path, columns: tuple[str, ...], required: tuple[str, ...], needs: str) -> Iterator[tuple[int, dict]]:
+    """(row number from 1, row) of a Parquet file, the `columns` it has; a missing `required` column is an error."""
+    import pyarrow.parquet as pq  # only Parquet inputs need it
+
+    try:
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+    except Exception as exc:
+        raise SourceError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc}); write it again") from exc
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise SourceError(f"{path}: no {', '.join(f'`{c}`' for c in missing)} column (found {names}); {needs}")
+    if parquet.metadata.num_rows == 0:
+        raise SourceError(f"{path}: the Parquet file holds no rows (only its schema {names}); it is empty")
+    number = 0
+    for batch in parquet.iter_batches(batch_size=1000, columns=[c for c in columns if c in names]):
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row
+
+
+def _json_rows(kind: FileKind, drops: Counter, cfg: "WikipediaConfig") -> Iterator[tuple[dict, str, str]]:
+    """Rows of JSON Lines (one object a line) or of one JSON array of objects."""
+    lines = read_lines(kind, "wikipedia.path")
+    first = True
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if first and line.lstrip().startswith("["):  # a JSON array of articles, not JSON Lines
+            yield from _json_array(kind, line + "".join(lines), drops, cfg)
+            return
+        where = f"{kind.path}: line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            bad_row(where, f"not valid JSON ({exc.msg} at column {exc.colno}); JSON Lines needs one object per line",
+                    cfg.on_bad_rows, drops, "wikipedia")
+            continue
+        if not isinstance(row, dict):
+            bad_row(where, f"holds a JSON {_json_type(row)}, not an object with a `text` field", cfg.on_bad_rows, drops, "wikipedia")
+            continue
+        if first and "text" not in row:
+            raise SourceError(f"{where}: no `text` field (found {sorted(row)}); articles need a `text` column")
+        first = False
+        yield row, where, ""
+    if first:
+        raise SourceError(f"{kind.path}: holds no JSON objects (only blank lines); the file is empty")
+
+
+def _json_array(kind: FileKind, text: str, drops: Counter, cfg: "WikipediaConfig") -> Iterator[tuple[dict, str, str]]:
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{kind.path}: line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(rows, list):
+        raise SourceError(f"{kind.path}: holds a JSON {_json_type(rows)}; articles need JSON Lines (one object a line) or an array of objects")
+    if not rows:
+        raise SourceError(f"{kind.path}: the JSON array is empty; the file holds no articles")
+    for number, row in enumerate(rows, start=1):
+        where = f"{kind.path}: item {number} of the array"
+        if not isinstance(row, dict):
+            bad_row(where, f"is a JSON {_json_type(row)}, not an object with a `text` field", cfg.on_bad_rows, drops, "wikipedia")
+            continue
+        yield row, where, ""
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
+
+
+def _local_rows(path: Path, cfg: "WikipediaConfig", drops: Counter) -> Iterator[tuple[dict, str, str]]:
+    """(row, where, default title) of every local file, in path order."""
+    for kind, fmt in _local_files(path):
+        if fmt == "parquet":
+            for number, row in _parquet_rows(kind.path, ARTICLE_COLUMNS, ("text",), "articles need a `text` column"):
+                yield row, f"{kind.path}: row {number}", ""
+        elif fmt == "json":
+            yield from _json_rows(kind, drops, cfg)
+        else:
+            yield {"text": read_text(kind.path, "wikipedia.path")}, str(kind.path), _title_of(kind.path)
+
+
+def _shuffled(rows: Iterator, buffer_size: int, seed: int) -> Iterator:
+    """A seeded shuffle buffer: hold `buffer_size` rows, yield a random one as each new row comes in."""
+    rng, buffer = random.Random(seed), []
+    for row in rows:
+        if len(buffer) < buffer_size:
+            buffer.append(row)
+            continue
+        i = rng.randrange(buffer_size)
+        yield buffer[i]
+        buffer[i] = row
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _article(row: Any, index: int, where: str, title: str, cfg: "WikipediaConfig", drops: Counter) -> dict | None:
+    """An article from a row, its strings checked; None when the row is skipped (on_bad_rows=skip)."""
+    if not isinstance(row, dict):
+        bad_row(where, f"holds {_type_name(row)}, not a record", cfg.on_bad_rows, drops, "wikipedia")
+        return None
+    article = {}
+    for column in ARTICLE_COLUMNS:
+        value = row.get(column)
+        if value is None or value == "":
+            value = {"id": str(index), "title": title}.get(column, "")
+        elif column == "id" and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        elif not isinstance(value, str):
+            bad_row(where, wrong_type(column, value), cfg.on_bad_rows, drops, "wikipedia")
+            return None
+        article[column] = control_chars(value, where, column, cfg.control_chars, drops, "wikipedia")
+    return article
 
 
 def probe_hub(timeout_s: float = 5.0) -> None:
@@ -199,27 +665,17 @@ def probe_hub(timeout_s: float = 5.0) -> None:
 
 
 def _open_stream(cfg: WikipediaConfig):
+    """The hub stream (or a hub-format folder on disk) and its titles (None: the rows carry them)."""
     import datasets  # heavy import, only where needed
 
-    if cfg.source == "hub":
-        if not Path(cfg.dataset).is_dir():  # a hub-format folder on disk needs no network
-            probe_hub()
-        stream = datasets.load_dataset(cfg.dataset, cfg.config_name, split=cfg.split, streaming=True)
-        titles = None
-    else:
-        path = Path(cfg.path) if cfg.source == "local" else SAMPLE_WIKIPEDIA
-        builder, files = _local_data_files(path)
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
-        stream = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
-        # The text builder yields files in order but not their names: titles come from the file list,
-        # which a shuffle buffer would scramble.
-        titles = [Path(f).stem.replace("_", " ") for f in files] if builder == "text" and not cfg.shuffle_buffer else None
+    if not Path(cfg.dataset).is_dir():  # a hub-format folder on disk needs no network
+        probe_hub()
+    stream = datasets.load_dataset(cfg.dataset, cfg.config_name, split=cfg.split, streaming=True)
     if "text" not in (stream.column_names or ["text"]):
-        where = {"hub": cfg.dataset, "local": cfg.path, "sample": SAMPLE_WIKIPEDIA}[cfg.source]
-        raise SourceError(f"{where}: no `text` column (found {stream.column_names}); articles need a `text` column")
+        raise SourceError(f"{cfg.dataset}: no `text` column (found {stream.column_names}); articles need a `text` column")
     if cfg.shuffle_buffer:
         stream = stream.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
-    return stream.take(cfg.max_articles), titles
+    return stream.take(cfg.max_articles), None
 
 
 def _is_network_error(exc: BaseException) -> bool:
@@ -237,9 +693,22 @@ def _chain(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
+def wikipedia_location(cfg: WikipediaConfig) -> str:
+    """Where the articles come from, as the user named it."""
+    return {"hub": f"{cfg.dataset} ({cfg.config_name})", "local": str(cfg.path), "sample": str(SAMPLE_WIKIPEDIA)}[cfg.source]
+
+
 def read_wikipedia(cfg: WikipediaConfig, drops: Counter | None = None) -> Iterator[dict]:
-    """Yield articles (id, url, title, text); articles with no text are dropped and counted."""
+    """Yield articles (id, url, title, text); empty articles are dropped and counted.
+
+    `drops` counts `empty_text`, `bad_rows` (skipped, on_bad_rows=skip) and `control_chars`
+    (characters removed, control_chars=drop). Local files are read here, whatever their
+    compression and text encoding (see `sniff`); the hub streams through `datasets`.
+    """
     drops = drops if drops is not None else Counter()
+    if cfg.source != "hub":
+        yield from _read_local(cfg, drops)
+        return
     attempt = yielded = 0  # rows consumed so far: a retried stream skips them
     while True:
         try:
@@ -247,20 +716,15 @@ def read_wikipedia(cfg: WikipediaConfig, drops: Counter | None = None) -> Iterat
             for index, row in enumerate(stream):
                 if index < yielded:
                     continue  # a retried stream replays what was already yielded
-                article = _article(row, index, titles)
                 yielded += 1
-                if not article["text"].strip():
-                    drops["empty_text"] += 1
-                    log.warning("article %s (%r, row %d) has no text; dropped", article["id"], article["title"], index)
-                    continue
-                yield article
+                where = f"{wikipedia_location(cfg)}: row {index + 1}"
+                article = _article(row, index, where, titles[index] if titles else "", cfg, drops)
+                if article is not None and _has_text(article, where, drops):
+                    yield article
             return
         except SourceError:
             raise
         except Exception as exc:
-            if cfg.source != "hub":
-                where = cfg.path if cfg.source == "local" else SAMPLE_WIKIPEDIA
-                raise SourceError(f"{where}: could not read articles ({type(exc).__name__}: {exc})") from exc
             if not _is_network_error(exc) or attempt >= cfg.retries:
                 raise SourceError(
                     f"could not stream {cfg.dataset} ({cfg.config_name}) from the Hugging Face hub "
@@ -271,6 +735,37 @@ def read_wikipedia(cfg: WikipediaConfig, drops: Counter | None = None) -> Iterat
             attempt += 1
             log.warning("network error streaming %s (%s); retry %d/%d in %.1fs", cfg.dataset, exc, attempt, cfg.retries, delay)
             time.sleep(delay)
+
+
+def _has_text(article: dict, where: str, drops: Counter) -> bool:
+    if article["text"].strip():
+        return True
+    drops["empty_text"] += 1
+    log.warning("%s: article %s (%r) has no text; dropped", where, article["id"], article["title"])
+    return False
+
+
+def _read_local(cfg: WikipediaConfig, drops: Counter) -> Iterator[dict]:
+    path = Path(cfg.path) if cfg.source == "local" else SAMPLE_WIKIPEDIA
+    rows = _local_rows(path, cfg, drops)
+    if cfg.shuffle_buffer:
+        rows = _shuffled(rows, cfg.shuffle_buffer, cfg.seed)
+    taken = 0
+    try:
+        for index, (row, where, title) in enumerate(rows):
+            if index >= cfg.max_articles:
+                break
+            taken += 1
+            article = _article(row, index, where, title, cfg, drops)
+            if article is not None and _has_text(article, where, drops):
+                yield article
+    except SourceError:
+        raise
+    except Exception as exc:
+        raise SourceError(f"{path}: could not read articles ({type(exc).__name__}: {exc})") from exc
+    if not taken and not drops["bad_rows"]:
+        raise SourceError(f"{path}: holds no articles (no rows); check wikipedia.path")
+
 
 
 # ---------------------------------------------------------------------------- Simpsons
@@ -299,63 +794,151 @@ def download_simpsons(cfg: SimpsonsConfig) -> Path:
     return csv_path
 
 
-def normalise_line(text: str) -> tuple[str, bool]:
-    """Repair mis-encoded sequences (e.g. 'â€¦' for '…') and collapse whitespace.
+def repair_line(text: str) -> tuple[str, bool]:
+    """Repair mis-encoded sequences (e.g. 'â€¦' for '…'); True when something changed.
 
     A bare 'â€' is left when the closing quote '”' (E2 80 9D) went through cp1252,
     which has no character for 9D; ftfy cannot see it, so it is mapped here.
     """
     fixed = ftfy.fix_encoding(text).replace("â€", "”")
-    return " ".join(fixed.split()), fixed != text
+    return fixed, fixed != text
 
 
-def read_simpsons_csv(path: Path, character: str, setting: str = "simpsons.path") -> tuple[list[dict], dict]:
+def normalise_line(text: str) -> tuple[str, bool]:
+    """Repair mis-encoded sequences (see `repair_line`) and collapse whitespace."""
+    fixed, repaired = repair_line(text)
+    return " ".join(fixed.split()), repaired
+
+
+SIMPSONS_COUNTS = ("rows_read", "kept", "dropped_blank", "dropped_other_character", "dropped_no_words",
+                   "skipped_bad_rows", "dropped_control_chars", "encoding_repairs")
+
+
+def _csv_problem(exc: csv.Error, line: int) -> str:
+    said = str(exc)
+    if "unexpected end of data" in said:
+        return ("a quoted field opens in this row and is never closed (the quote runs to the end of the file); "
+                "close the quote, or double a quote that belongs to the text (\"\")")
+    if "expected after" in said:
+        return (f"a quote ends a quoted field but the field goes on (at line {line}): a quoted field opened in this row "
+                f"is not closed where it should be, or a quote inside it is not doubled (\"\"); fix the quotes of this row")
+    return f"malformed CSV ({said})"
+
+
+def _csv_rows(kind: FileKind, setting: str, on_bad_rows: str, drops: Counter) -> Iterator[tuple[int, str, dict]]:
+    """(data row number from 1, where, {column: value}) of a CSV file, parsed strictly.
+
+    `where` names the row as a spreadsheet does (the header is row 1) and its line when
+    they differ. An unterminated quote is an error naming the row where it opens; a row
+    with a number of fields other than the header's is a bad row (on_bad_rows).
+    """
+    path = kind.path
+    lines = read_lines(kind, setting)
+    reader = csv.reader(lines, strict=True)
+    try:
+        header = next(reader, None)
+    except csv.Error as exc:
+        raise SourceError(f"{path}: row 1 (the header): {_csv_problem(exc, reader.line_num)}") from None
+    if not header or not any(h.strip() for h in header):
+        raise SourceError(f"{path}: the file holds no header row (it is empty or blank); expected a CSV with columns "
+                          f"{list(SIMPSONS_COLUMNS)}; check {setting}")
+    header = [h.strip().lstrip("\ufeff") for h in header]
+    missing = [c for c in SIMPSONS_COLUMNS if c not in header]
+    if missing:
+        raise SourceError(f"{path}: missing column(s) {missing}; found columns {header}, expected {list(SIMPSONS_COLUMNS)}")
+    number = 1  # spreadsheet row of the header
+    while True:
+        first_line = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise SourceError(f"{path}: row {number + 1} (from line {first_line}): {_csv_problem(exc, reader.line_num)}") from None
+        number += 1
+        where = f"{path}: row {number}" + (f" (line {first_line})" if first_line != number else "")
+        if row and len(row) != len(header):
+            bad_row(where, f"has {len(row)} field(s) but the header (row 1) has {len(header)}: an unquoted comma, "
+                           f"or a missing one? Quote a field that holds commas (\"...\")", on_bad_rows, drops, "simpsons")
+            yield number - 1, where, None
+            continue
+        yield number - 1, where, dict(zip(header, row))
+    if number == 1:
+        raise SourceError(f"{path}: the CSV holds a header row but no data rows; there are no lines to read: check {setting}")
+
+
+def _parquet_simpsons_rows(path: Path, setting: str) -> Iterator[tuple[int, str, dict]]:
+    needs = f"expected columns {list(SIMPSONS_COLUMNS)}"
+    for number, row in _parquet_rows(path, SIMPSONS_COLUMNS, SIMPSONS_COLUMNS, needs):
+        yield number, f"{path}: row {number}", row
+
+
+def read_simpsons_csv(path: Path, character: str, setting: str = "simpsons.path", control_chars_mode: str = "error",
+                      on_bad_rows: str = "error") -> tuple[list[dict], dict]:
     """Keep the character's lines that have words, in file order; count every other row.
 
-    Returns (lines, counts); each line is {"row": data row number (1 = first after the
-    header), "text": normalised words}.
+    The file may be a CSV (UTF-8 with or without a BOM, UTF-16/32 with a BOM; gzip, bz2,
+    xz or, with the `zstandard` module, zstd-compressed) or a Parquet file with the same
+    columns, told from its bytes. Returns (lines, counts); each line is {"row": data row
+    number (1 = first after the header), "text": normalised words}.
     """
     path = Path(path)
     check_file(path, "CSV file", setting)
-    check_utf8(path)
+    kind = sniff(path)
+    drops = Counter()
+    if kind.content == "parquet":
+        rows = _parquet_simpsons_rows(path, setting)
+    elif kind.content == "text":
+        rows = _csv_rows(kind, setting, on_bad_rows, drops)
+    else:
+        raise SourceError(kind.refusal(setting) + " (a CSV or Parquet file)")
     counts = Counter()
     speakers = Counter()
     kept = []
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if not header:
-            raise SourceError(f"{path}: the CSV has no header row; expected columns {list(SIMPSONS_COLUMNS)}")
-        header = [h.strip().lstrip("\ufeff") for h in header]
-        missing = [c for c in SIMPSONS_COLUMNS if c not in header]
-        if missing:
-            raise SourceError(f"{path}: missing column(s) {missing}; found columns {header}, expected {list(SIMPSONS_COLUMNS)}")
-        who_col, words_col = header.index(SIMPSONS_COLUMNS[0]), header.index(SIMPSONS_COLUMNS[1])
-        width = max(who_col, words_col) + 1
-        try:
-            for row_no, row in enumerate(reader, start=1):
-                counts["rows_read"] += 1
-                row = row + [""] * (width - len(row))
-                who, words = row[who_col].strip(), row[words_col]
-                if not who and not words.strip():
-                    counts["dropped_blank"] += 1
-                elif who != character:
-                    counts["dropped_other_character"] += 1
-                    speakers[who] += 1
-                elif not words.strip():
-                    counts["dropped_no_words"] += 1
-                else:
-                    text, repaired = normalise_line(words)
-                    counts["encoding_repairs"] += repaired
+    col = {c: f"{c} ({column_letter(i)})" for i, c in enumerate(SIMPSONS_COLUMNS)}
+    for row_no, where, row in rows:
+        counts["rows_read"] += 1
+        if row is None:  # a bad row, skipped (on_bad_rows=skip)
+            continue
+        values = {}
+        for column in SIMPSONS_COLUMNS:
+            value = row.get(column)
+            if value is not None and not isinstance(value, str):
+                bad_row(where, wrong_type(column, value), on_bad_rows, drops, "simpsons")
+                break
+            values[column] = value or ""
+        else:
+            who = control_chars(values["raw_character_text"].strip(), where, col["raw_character_text"], control_chars_mode, drops, "simpsons")
+            words = values["spoken_words"]
+            if not who and not words.strip():
+                counts["dropped_blank"] += 1
+            elif who != character:
+                counts["dropped_other_character"] += 1
+                speakers[who] += 1
+            elif not words.strip():
+                counts["dropped_no_words"] += 1
+            else:
+                fixed, repaired = repair_line(words)
+                fixed = control_chars(fixed, where, col["spoken_words"], control_chars_mode, drops, "simpsons")
+                counts["encoding_repairs"] += repaired
+                text = " ".join(fixed.split())
+                if text:
                     kept.append({"row": row_no, "text": text})
-        except csv.Error as exc:
-            raise SourceError(f"{path}: row {reader.line_num}: malformed CSV ({exc})") from exc
+                else:
+                    counts["dropped_no_words"] += 1
+    counts["skipped_bad_rows"] = drops["bad_rows"]
+    counts["dropped_control_chars"] = drops["control_chars"]
     counts["kept"] = len(kept)
+    if not counts["rows_read"]:
+        raise SourceError(f"{path}: the file holds no rows; there are no lines to read: check {setting}")
     if not kept:
+        if counts["skipped_bad_rows"] == counts["rows_read"]:
+            raise SourceError(f"{path}: all {counts['rows_read']} rows were skipped as bad rows (simpsons.on_bad_rows=skip); "
+                              f"set simpsons.on_bad_rows=error to see the first one")
         close = difflib.get_close_matches(character, list(speakers), n=3, cutoff=0.5)
         common = [name for name, _ in speakers.most_common(5)]
         raise SourceError(
             f"{path}: no rows with words for simpsons.character={character!r} among {counts['rows_read']} rows; "
             f"close matches: {close or 'none'}; most frequent speakers: {common}. Check simpsons.character"
         )
-    return kept, {k: counts[k] for k in ("rows_read", "kept", "dropped_blank", "dropped_other_character", "dropped_no_words", "encoding_repairs")}
+    return kept, {k: counts[k] for k in SIMPSONS_COUNTS}

@@ -40,6 +40,29 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or does not fit what it is loaded for."""
 
 
+def _load_tensors(file: Path, device: str = "cpu") -> dict:
+    """safetensors' load_file, with an error that names the file and the stage that remakes it."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(file, device=device)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{file} is truncated or corrupt ({type(exc).__name__}: {exc}){_remake(file)}") from exc
+
+
+def _remake(file: Path) -> str:
+    """What remakes a checkpoint file: its stage output, an interrupted run, or nothing (a bare checkpoint)."""
+    from model.store.outputs import damaged_file_hint
+
+    if hint := damaged_file_hint(file):
+        return hint
+    run_dir = Path(file).absolute().parent.parent  # <root>/<stage>/<fp>/{last,best}/model.safetensors
+    if run_dir.parent.name in ("pretrain", "finetune"):
+        return (f": the interrupted {run_dir.parent.name} run {run_dir} cannot resume from it; move {Path(file).parent} "
+                f"aside and re-run `homer stage {run_dir.parent.name}` (it starts over)")
+    return "; it belongs to no stage output, so no stage remakes it: save it again or use another checkpoint"
+
+
 def _b64(t: torch.Tensor) -> str:
     return base64.b64encode(t.numpy().tobytes()).decode("ascii")
 
@@ -190,14 +213,14 @@ def load_checkpoint(path, model: CharRNN, optimizer: torch.optim.Optimizer | Non
     found = Path(state["path"])
     device = next(model.parameters()).device
     try:
-        model.load_state_dict(load_file(found / "model.safetensors", device=str(device)))
+        model.load_state_dict(_load_tensors(found / "model.safetensors", device=str(device)))
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {found}: weights do not fit the model ({exc})") from exc
     if optimizer is not None:
         if not (found / "optimizer.safetensors").is_file():
             raise CheckpointError(f"checkpoint {found} holds no optimizer state")
         meta = json.loads((found / "optimizer.json").read_text(encoding="utf-8"))
-        optimizer.load_state_dict(_optimizer_join(load_file(found / "optimizer.safetensors"), meta))
+        optimizer.load_state_dict(_optimizer_join(_load_tensors(found / "optimizer.safetensors"), meta))
     if restore_rng_state:
         restore_rng(state["rng"])
     return state
@@ -218,35 +241,57 @@ def resolve_model(root, given, stages: tuple[str, ...] = ("finetune", "pretrain"
     """The one resolver of a model to load or start from, as a StageRef.
 
     `given` is 'latest' or empty (the latest output of the first of `stages` that has a
-    `latest`; a `latest` that names a missing or incomplete output is an error, never a
-    fall-through to the next stage), a fingerprint or output directory of one of
-    `stages`, or a bare checkpoint directory (stage "checkpoint", fingerprinted by its
-    weights). Errors name `label`, what was given and what to do.
+    `latest`; a `latest` that names a missing, incomplete or damaged output is an error
+    naming the file, never a fall-through to the next stage), a fingerprint or output
+    directory of one of `stages`, or a bare checkpoint directory (stage "checkpoint",
+    fingerprinted by its weights). A stage output's checksums are checked. Errors name
+    `label`, what was given and what to do. `choose_model` also says how it was chosen.
     """
+    return choose_model(root, given, stages, label)[0]
+
+
+def describe_model(ref, why: str) -> str:
+    """'<checkpoint dir> (<why>)', e.g. '.../finetune/<fp>/best (finetune/latest)': a line saying what was used and why."""
+    return f"{model_checkpoint(ref)} ({why})"
+
+
+def choose_model(root, given, stages: tuple[str, ...] = ("finetune", "pretrain"), label: str = "--checkpoint"):
+    """resolve_model's (ref, why): why is 'finetune/latest', 'pretrain fingerprint <fp>', 'the checkpoint directory given', ...."""
     import hashlib
 
-    from model.store.outputs import LATEST, StageRef, StoreError, latest, output_dir, resolve
+    from model.store.outputs import LATEST, StageRef, StoreError, latest, output_dir, resolve, verify_output
+
+    def checked(ref):  # loading reads the files anyway: check their checksums first, naming a damaged one
+        verify_output(ref.dir, ref.stage, checksums=True)
+        return ref
 
     root = Path(root)
     if isinstance(given, StageRef):
-        return given
+        return given, "given"
     if given in (None, "", LATEST):
         for stage in stages:
             if (root / stage / LATEST).exists():
-                return latest(root, stage)
+                return checked(latest(root, stage)), f"{stage}/{LATEST}"
         raise StoreError(f"{label}: no {' or '.join(stages)} output under {root}; train first (homer run) "
                          f"or pass a fingerprint or checkpoint directory")
     given = str(given)
     for stage in stages:
         if "/" not in given and output_dir(root, stage, given).is_dir():
-            return resolve(root, stage, given)
+            return checked(resolve(root, stage, given)), f"{stage} fingerprint {given}"
     path = Path(given)
     if path.is_dir() and (path / "manifest.json").is_file():
-        return resolve(root, json.loads((path / "manifest.json").read_text(encoding="utf-8")).get("stage", stages[0]), path)
+        from model.store.outputs import owning_output
+
+        stage = (owning_output(path / "manifest.json") or (None, stages[0]))[1]
+        return checked(resolve(root, stage, path)), f"the {stage} output given"
     if resolve_checkpoint(path) is not None:
+        from model.store.outputs import owning_output
+
         found = resolve_checkpoint(path)
+        if owner := owning_output(found):  # e.g. <root>/finetune/<fp>/best: check the output it belongs to
+            verify_output(owner[0], owner[1], checksums=True)
         digest = hashlib.sha256((found / "model.safetensors").read_bytes()).hexdigest()[:16]
-        return StageRef(stage="checkpoint", fingerprint=digest, path=str(path.absolute()))
+        return StageRef(stage="checkpoint", fingerprint=digest, path=str(path.absolute())), "the checkpoint directory given"
     raise StoreError(f"{label} {given}: not 'latest', a {' or '.join(stages)} fingerprint under {root}, "
                      f"an output directory or a checkpoint directory (one holding state.json)")
 

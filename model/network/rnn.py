@@ -32,7 +32,7 @@ class ModelConfig(BaseModel):
         default_factory=lambda: [256, 512, 1024, 512, 256], min_length=1,
         description="hidden size of each stacked one-layer recurrent block, bottom to top",
     )
-    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout probability before each recurrent layer")
+    dropout: float = Field(0.5, ge=0.0, lt=1.0, allow_inf_nan=False, description="dropout probability before each recurrent layer")
 
 
 class CharRNN(nn.Module):

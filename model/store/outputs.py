@@ -5,7 +5,15 @@ stage name, its config, its inputs' fingerprints and a stage code version, so th
 inputs always name the same directory and a complete directory is reused, never
 recomputed. Data stages write into a temporary sibling and rename it into place;
 `<root>/<stage>/latest` holds the newest complete fingerprint. Every output carries
-`manifest.json` (stage, fingerprint, config, inputs, counts, metrics, versions).
+`manifest.json` (stage, fingerprint, config, inputs, counts, metrics, versions, and
+`files`: every file of the output with its size and checksum).
+
+Complete means a manifest that parses and whose listed files all exist at their recorded
+sizes (`is_complete`, a few stats). Checksums are checked when a stage reads its inputs
+(`verify_output(..., checksums=True)`, from tasks.common.run_stage_task) and by
+`homer verify`. A damaged output (a listed file missing or of another size, a bad
+checksum, a manifest that does not parse) is reported with the file and the stage that
+remakes it; re-running that stage moves it aside (`<fp>.damaged-<time>`) and rebuilds it.
 
     ref = StageRef(stage="prepare", fingerprint=fp, path=str(dir))
     with staging(root, "prepare", fp) as tmp:      # write files into tmp
@@ -31,9 +39,17 @@ from typing import Any, Iterator
 
 from pydantic import BaseModel
 
+try:
+    import xxhash
+except ImportError:  # pragma: no cover - xxhash is a dependency; sha256 keeps old environments working
+    xxhash = None
+
 MANIFEST = "manifest.json"
 LATEST = "latest"
 FINGERPRINT_CHARS = 16
+DAMAGED = ".damaged-"  # `<fp>.damaged-<time>`: a damaged output moved aside to be rebuilt
+CHECKSUM = "xxh3_128" if xxhash is not None else "sha256"
+_CHUNK = 1 << 20
 
 
 class StoreError(RuntimeError):
@@ -95,7 +111,199 @@ def output_dir(root: Path, stage: str, fp: str) -> Path:
 
 
 def is_complete(path: Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    """A manifest that parses and whose listed files all exist at their recorded sizes."""
+    return output_state(path) == "complete"
+
+
+def output_state(path: Path, checksums: bool = False) -> str:
+    """'complete', 'incomplete' (no manifest: never finished, still being written, or not ours) or 'damaged'."""
+    return inspect_output(Path(path), checksums)[0]
+
+
+def inspect_output(path: Path, checksums: bool = False) -> tuple[str, list[str]]:
+    """(state, problems): state as in output_state, problems naming each damaged file."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError):
+        return "incomplete", [f"{path} does not exist" if not path.is_dir() else f"{manifest_path} is missing"]
+    except (OSError, ValueError) as exc:
+        return "damaged", [f"{manifest_path} does not parse ({exc})"]
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        return "damaged", [f"{manifest_path} is not a manifest (no stage, no file list)"]
+    problems = file_problems(path, manifest.get("files") or {}, checksums)  # no "files": an older manifest, trusted
+    return ("damaged" if problems else "complete"), problems
+
+
+def file_problems(path: Path, files: dict, checksums: bool = False) -> list[str]:
+    """What is wrong with the files a manifest lists: missing, another size, (with checksums) other content."""
+    problems = []
+    for rel, entry in files.items():
+        file = Path(path) / rel
+        want = int(entry.get("size", -1)) if isinstance(entry, dict) else -1
+        try:
+            stat = file.stat()
+        except FileNotFoundError:
+            problems.append(f"{file} is missing (the manifest lists it, {want} bytes)")
+            continue
+        except OSError as exc:
+            problems.append(f"{file} cannot be read ({exc.strerror or exc})")
+            continue
+        if stat.st_size != want:
+            problems.append(f"{file} is {stat.st_size} bytes, the manifest says {want}")
+        elif checksums:
+            algorithm = next((a for a in ("xxh3_128", "sha256") if a in entry), None)
+            if algorithm is None or (algorithm == "xxh3_128" and xxhash is None):
+                continue  # nothing we can check it against
+            try:
+                got = _digest(file, algorithm, stat)
+            except OSError as exc:
+                problems.append(f"{file} cannot be read ({exc.strerror or exc})")
+                continue
+            if got != entry[algorithm]:
+                problems.append(f"{file} does not match its checksum ({algorithm} {got[:12]}..., "
+                                f"the manifest says {str(entry[algorithm])[:12]}...)")
+    return problems
+
+
+_DIGESTS: dict[tuple, str] = {}  # (path, algorithm, size, mtime, ctime, inode) -> digest: a settled file is hashed once per process
+
+
+def _digest(file: Path, algorithm: str, stat: os.stat_result | None = None) -> str:
+    stat = stat or file.stat()
+    key = (str(file), algorithm, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+    if (known := _DIGESTS.get(key)) is not None:
+        return known
+    h = xxhash.xxh3_128() if algorithm == "xxh3_128" else hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if time.time() - stat.st_mtime > 2:  # a file changed within a timestamp tick of hashing could look unchanged
+        _DIGESTS[key] = digest
+    return digest
+
+
+def list_files(path: Path, checksums: bool = True) -> dict[str, dict]:
+    """Every file of an output (relative POSIX path -> size and checksum), without the manifest and scratch.
+
+    Scratch: hidden names, `*.tmp-*` and `*.old` (a checkpoint save's leftovers).
+    """
+    path = Path(path)
+    files = {}
+    for file in sorted(path.rglob("*")):
+        rel = file.relative_to(path)
+        if rel.as_posix() == MANIFEST or file.is_symlink() or not file.is_file():
+            continue
+        if any(part.startswith(".") or ".tmp-" in part or part.endswith(".old") for part in rel.parts):
+            continue
+        stat = file.stat()
+        entry = {"size": stat.st_size}
+        if checksums:
+            entry[CHECKSUM] = _digest(file, CHECKSUM, stat)
+        files[rel.as_posix()] = entry
+    return files
+
+
+def _stage_of(path: Path) -> str:
+    try:
+        stage = json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("stage")
+    except (OSError, ValueError, AttributeError):
+        stage = None
+    return stage if isinstance(stage, str) and stage else path.parent.name  # outputs live in <root>/<stage>/<fp>
+
+
+def remake_hint(stage: str) -> str:
+    return f"re-run `homer stage {stage}` with the config that made it (the damaged copy is moved aside and rebuilt)"
+
+
+def damage_message(path: Path, problems: list[str], stage: str | None = None) -> str:
+    """'<file> is 12 bytes, the manifest says 34: the prepare output is damaged; re-run `homer stage prepare` ...'."""
+    stage = stage or _stage_of(Path(path))
+    more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+    return f"{problems[0]}{more}: the {stage} output {Path(path)} is damaged; {remake_hint(stage)}"
+
+
+def verify_output(path: Path, stage: str | None = None, checksums: bool = False, via: str = "") -> None:
+    """Raise a StoreError naming the damaged file and the stage that remakes it, if the output is not complete."""
+    path = Path(path)
+    state, problems = inspect_output(path, checksums)
+    if state == "complete":
+        return
+    stage = stage or _stage_of(path)
+    if state == "incomplete":
+        what = "does not exist" if not path.is_dir() else f"is not a complete '{stage}' output (no {MANIFEST})"
+        raise StoreError(f"{via}{path} {what}: it was never finished, or is still being written; "
+                         f"run `homer stage {stage}` (an interrupted training run resumes)")
+    raise StoreError(via + damage_message(path, problems, stage))
+
+
+def owning_output(file: Path) -> tuple[Path, str] | None:
+    """The stage output a file belongs to (the nearest folder, up to 4 above it, holding a manifest) and its stage."""
+    for parent in list(Path(file).absolute().parents)[:4]:  # <out>/shards/<corpus>/<shard> is the deepest
+        if (parent / MANIFEST).is_file():
+            return parent, _stage_of(parent)
+    return None
+
+
+def damaged_file_hint(file: Path) -> str:
+    """': the prepare output <dir> is damaged; re-run ...' for a file of a stage output, else ''."""
+    owner = owning_output(file)
+    if owner is None:
+        return ""
+    out, stage = owner
+    return f": the {stage} output {out} is damaged; {remake_hint(stage)}"
+
+
+def set_aside(path: Path) -> Path | None:
+    """Rename a damaged output to `<fp>.damaged-<UTC time>` beside it (kept for inspection); None if it is gone."""
+    path = Path(path)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"{path.name}{DAMAGED}{stamp}")
+    if target.exists():
+        target = path.with_name(f"{target.name}-{uuid.uuid4().hex[:6]}")
+    try:
+        os.rename(path, target)
+    except FileNotFoundError:
+        return None  # another run moved it first
+    return target
+
+
+def stage_outputs(root: Path, stage: str) -> list[Path]:
+    """The fingerprint folders of a stage (not `latest`, temporaries, locks or outputs set aside)."""
+    stage_dir = Path(root) / stage
+    if not stage_dir.is_dir():
+        return []
+    return sorted(p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and DAMAGED not in p.name)
+
+
+def verify_stage(root: Path, stage: str, checksums: bool = True) -> list[tuple[str, Path, str]]:
+    """(state, path, detail) for every output of a stage and for its `latest`; state is ok, damaged or incomplete."""
+    rows = []
+    for out in stage_outputs(root, stage):
+        state, problems = inspect_output(out, checksums)
+        if state == "complete":
+            try:
+                listed = read_manifest(out).get("files")
+            except StoreError:
+                listed = None
+            detail = (f"{len(listed)} files, {sum(e.get('size', 0) for e in listed.values())} bytes"
+                      + (", checksums match" if checksums else ", sizes match")) if listed is not None else \
+                "an older manifest without a file list: nothing to check"
+            rows.append(("ok", out, detail))
+        elif state == "damaged":
+            rows.append(("damaged", out, damage_message(out, problems, stage)))
+        else:
+            rows.append(("incomplete", out, f"no {MANIFEST}: never finished or still being written; "
+                                            f"`homer stage {stage}` finishes it (training resumes)"))
+    pointer = Path(root) / stage / LATEST
+    if pointer.is_file():
+        fp = pointer.read_text(encoding="utf-8").strip()
+        if not output_dir(root, stage, fp).is_dir():
+            rows.append(("damaged", pointer, f"{pointer} names {fp}, but {output_dir(root, stage, fp)} does not exist; "
+                                             f"re-run `homer stage {stage}`"))
+    return rows
 
 
 def read_manifest(path: Path) -> dict:
@@ -139,7 +347,8 @@ def manifest_for(stage: str, fp: str, config: Any, inputs: dict[str, "StageRef"]
 
 
 def write_manifest(path: Path, manifest: dict) -> None:
-    _write_json_atomic(Path(path) / MANIFEST, manifest)
+    """Write the manifest, listing every file of the output (size and checksum): write it last."""
+    _write_json_atomic(Path(path) / MANIFEST, dict(manifest, checksum=CHECKSUM, files=list_files(path)))
 
 
 def set_latest(root: Path, stage: str, fp: str) -> None:
@@ -150,8 +359,13 @@ def set_latest(root: Path, stage: str, fp: str) -> None:
     os.replace(tmp, stage_dir / LATEST)
 
 
-def latest(root: Path, stage: str) -> StageRef:
-    """The newest complete output of a stage; a clear error if there is none."""
+def latest(root: Path, stage: str, intact: bool = True) -> StageRef:
+    """The newest complete output of a stage; a clear error if there is none.
+
+    A `latest` naming a missing, incomplete or damaged output is an error naming the file.
+    intact=False only asks for a manifest that parses: enough to read the config a damaged
+    output was made with, so that re-running its stage can rebuild it.
+    """
     path = Path(root) / stage / LATEST
     try:
         fp = path.read_text(encoding="utf-8").strip()
@@ -161,8 +375,10 @@ def latest(root: Path, stage: str) -> StageRef:
             f"or the whole pipeline first, or pass the input explicitly"
         ) from None
     out = output_dir(root, stage, fp)
-    if not is_complete(out):
-        raise StoreError(f"{path} names {fp}, but {out} is not complete; re-run `homer stage {stage}`")
+    if intact:
+        verify_output(out, stage, via=f"{path} names {fp}, but ")
+    else:
+        read_manifest(out)
     return StageRef(stage=stage, fingerprint=fp, path=str(out))
 
 
@@ -183,8 +399,7 @@ def resolve(root: Path, stage: str, given: "StageRef | str | None") -> StageRef:
         raise StoreError(f"'{given}' is neither a '{stage}' fingerprint under {root / stage} nor an output directory")
     if ref.stage != stage:
         raise StoreError(f"{ref.path} is a '{ref.stage}' output, but a '{stage}' output is needed here")
-    if not is_complete(ref.dir):
-        raise StoreError(f"{ref.path} is not a complete '{stage}' output (no {MANIFEST})")
+    verify_output(ref.dir, stage)  # sizes; a stage about to run checks its inputs' checksums too
     return ref
 
 
@@ -224,7 +439,11 @@ def staging(root: Path, stage: str, fp: str) -> Iterator[Path]:
             os.rename(tmp, final)
         except OSError:
             # Renames are atomic, so a run that got here first left a complete output: keep it.
-            if not is_complete(final):
+            state = output_state(final)
+            if state == "damaged":  # ours, but damaged: keep it aside, put the new one in its place
+                set_aside(final)
+                os.rename(tmp, final)
+            elif state != "complete":
                 raise StoreError(f"{final} exists but is not a complete output (no {MANIFEST}); "
                                  f"it was not written by this pipeline: move it away and run again") from None
         set_latest(root, stage, fp)

@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat
 from model.network.checkpoint import check_compatible, load_checkpoint, read_state, resolve_checkpoint, save_checkpoint
 from model.network.rnn import CharRNN, ModelConfig, build_model
 from model.training.overrides import apply_sets
+from model.training.threads import CoreShare
 from model.data.shards import ShardError, read_overlap, read_split
 from model.data.vocab import Vocab
 
@@ -59,12 +60,12 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    learning_rate: PositiveFloat = Field(1e-3, description="Adam learning rate during the constant epochs")
+    learning_rate: PositiveFloat = Field(1e-3, allow_inf_nan=False, description="Adam learning rate during the constant epochs")
     batch_size: PositiveInt = Field(64, description="windows per optimizer step")
     epochs: PositiveInt = Field(50, description="passes over the training windows (at most; early stopping may end sooner)")
     max_steps: PositiveInt | None = Field(None, description="stop after this many optimizer steps in all (a step budget)")
     constant_epochs: NonNegativeInt = Field(5, description="epochs at the full rate (0-based epochs 0 .. constant_epochs-1); each later epoch multiplies it by exp(-0.1)")
-    grad_clip: PositiveFloat = Field(5.0, description="clip the global gradient norm to this")
+    grad_clip: PositiveFloat = Field(5.0, allow_inf_nan=False, description="clip the global gradient norm to this")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: fp32 (with TF32 matmuls on CUDA when allow_tf32); bf16/fp16 autocast need CUDA (fp16 uses a GradScaler)")
     allow_tf32: bool = Field(True, description="let CUDA matmuls and cuDNN use TF32 for fp32 math")
@@ -73,6 +74,8 @@ class TrainConfig(BaseModel):
     # How often to save and log changes how a run goes, not what it makes: not part of the stage fingerprint.
     checkpoint_every_steps: NonNegativeInt = Field(200, description="write last/ every this many steps; 0 = only at epoch end",
                                                    json_schema_extra={"fingerprint": False})
+    num_threads: PositiveInt | None = Field(None, description="CPU threads for torch; None = this process's share of the cores it may "
+                                            "use, divided among the trainings running on the machine", json_schema_extra={"fingerprint": False})
     log_every_steps: PositiveInt = Field(50, description="report mean loss and chars/s every this many steps", json_schema_extra={"fingerprint": False})
     early_stopping_patience: PositiveInt | None = Field(
         3, description="stop after this many validations in a row without a new best loss; None = never")
@@ -99,7 +102,7 @@ class FinetuneTrainConfig(TrainConfig):
     defaults, never from the pretraining recipe.
     """
 
-    learning_rate: PositiveFloat = Field(1e-5, description="Adam learning rate during the constant epochs (low: keep what pretraining learned)")
+    learning_rate: PositiveFloat = Field(1e-5, allow_inf_nan=False, description="Adam learning rate during the constant epochs (low: keep what pretraining learned)")
     constant_epochs: NonNegativeInt = Field(4, description="epochs at the full rate (0-based epochs 0 .. constant_epochs-1); each later epoch multiplies it by exp(-0.1)")
 
 
@@ -334,6 +337,7 @@ class Session:
     logged_chars: int = 0  # train_chars at the last log entry, for chars/s
     logged_seconds: float = 0.0
     stop: bool = False
+    cores: CoreShare | None = None  # keeps torch's thread count at this run's share of the machine
 
     @property
     def metrics_path(self) -> Path:
@@ -512,6 +516,7 @@ def run_epoch(s: Session) -> None:
             raise TrainingStopped(run.step, s.out_dir / "last")
         idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
         train_step(s, torch.from_numpy(s.train_w[idx].astype(np.int64)).to(s.device))  # (B, T + 1)
+        s.cores.rebalance()
         run.batch_in_epoch = b + 1
         if cbs.on_step is not None:
             cbs.on_step(run.step, run.epoch + 1)
@@ -558,14 +563,16 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, o
     out_dir = Path(out_dir)
     if (done := finished_run(out_dir, vocab, model_config)) is not None:
         return done
-    s = start(model_config=model_config, cfg=train_config, shards_dir=shards_dir, out_dir=out_dir, vocab=vocab,
-              init_from=init_from, callbacks=callbacks or TrainCallbacks())
-    s.stop = out_of_steps(s)
-    while not s.stop and s.run.epoch < s.cfg.epochs:
-        run_epoch(s)
-    flush(s)
-    s.run.done = True
-    save(s, "last")
+    with CoreShare(train_config.num_threads) as cores:
+        s = start(model_config=model_config, cfg=train_config, shards_dir=shards_dir, out_dir=out_dir, vocab=vocab,
+                  init_from=init_from, callbacks=callbacks or TrainCallbacks())
+        s.cores = cores
+        s.stop = out_of_steps(s)
+        while not s.stop and s.run.epoch < s.cfg.epochs:
+            run_epoch(s)
+        flush(s)
+        s.run.done = True
+        save(s, "last")
     return s.run.result(s.resumed_from)
 
 

@@ -220,3 +220,41 @@ def test_cli_rejects_inputs_the_stage_does_not_take(data_dir):
     result = CliRunner().invoke(app, ["stage", "pretrain", "--input", "prepare", "--input", "ingest_wikipedia=abc"])
     assert result.exit_code == 2
     assert "expected STAGE=FINGERPRINT|PATH" in result.output and "pretrain takes prepare" in result.output
+
+
+def test_ingests_count_skipped_rows_and_dropped_control_characters(tmp_path, data_dir):
+    """A gzip'd UTF-16 CSV and a JSON Lines file, each with a bad row and a NUL: skip and drop, counted in the manifests."""
+    import gzip
+    import json
+
+    from flows.ingest_simpsons import ingest_simpsons
+    from flows.ingest_wikipedia import ingest_wikipedia
+
+    csv_path = tmp_path / "simpsons_dataset.csv"
+    rows = "raw_character_text,spoken_words\nHomer Simpson,D'oh!\x00\nHomer Simpson,a,b\nHomer Simpson,Woo-hoo!\n"
+    csv_path.write_bytes(gzip.compress(rows.encode("utf-16")))
+    ref = ingest_simpsons(SimpsonsConfig(source="local", path=str(csv_path), control_chars="drop", on_bad_rows="skip"))
+    assert [x["text"] for x in pq.read_table(ref.dir / "lines.parquet").to_pylist()] == ["D'oh!", "Woo-hoo!"]
+    counts = read_manifest(ref.dir)["counts"]
+    assert (counts["rows_read"], counts["kept"], counts["skipped_bad_rows"], counts["dropped_control_chars"]) == (3, 2, 1, 1)
+
+    articles = tmp_path / "articles.jsonl"
+    articles.write_text("".join(json.dumps(r) + "\n" for r in [{"text": "Spring\x00field."}, {"text": 5}]), encoding="utf-8")
+    ref = ingest_wikipedia(WikipediaConfig(source="local", path=str(articles), control_chars="drop", on_bad_rows="skip"))
+    counts = read_manifest(ref.dir)["counts"]
+    assert (counts["articles"], counts["skipped_bad_rows"], counts["dropped_control_chars"]) == (1, 1, 1)
+
+
+def test_cli_names_the_users_file_and_row_for_a_bad_article(tmp_path, data_dir):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    path = tmp_path / "articles.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": 5}\n', encoding="utf-8")
+    result = CliRunner().invoke(app, ["stage", "ingest-wikipedia", "--set", "wikipedia.source=local", "--set", f"wikipedia.path={path}"])
+    assert result.exit_code == 1, result.output
+    assert f"error: {path}: line 2: column text holds int 5, not text" in result.output and "wikipedia.on_bad_rows=skip" in result.output
+    assert ".tmp-" not in result.output  # the user's file, never the staging directory
+    out = data_dir / "ingest-wikipedia"
+    assert not out.exists() or not [p for p in out.iterdir() if not p.name.startswith(".")]

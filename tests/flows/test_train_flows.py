@@ -237,3 +237,78 @@ def test_report_scores_the_models_and_data_that_belong_together(data_dir):
                                                                   "pretrain.train.seed=9"]))
     assert "pretrain" not in started and sorted(p.name for p in (data_dir / "pretrain").iterdir()) == before
     assert read_manifest(started["report"].dir)["inputs"]["pretrain"]["fingerprint"] == other.fingerprint
+
+
+def test_a_stage_run_on_its_own_starts_from_its_latest_config(data_dir):
+    """Re-running prepare with one changed field (CLI and deployment parameters) changes that field alone."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.config import changed_fields
+    from flows.pipeline import homer_pipeline
+    from flows.prepare import prepare
+
+    refs = homer_pipeline(load_config("sample", None, TINY))
+    first = read_manifest(refs["prepare"].dir)["config"]
+    assert first["lines_per_doc"] == 10  # the sample profile's, not the default 20
+
+    result = CliRunner().invoke(app, ["stage", "prepare", "--set", "prepare.seq_len=50"])
+    assert result.exit_code == 0, result.output
+    assert f"the config of prepare {refs['prepare'].fingerprint}" in result.output and "changed: seq_len" in result.output
+    by_cli = latest(data_dir, "prepare")
+    assert changed_fields(first, read_manifest(by_cli.dir)["config"]) == ["seq_len"]
+
+    # what `prepare deployment run --params '{"config": {"val_fraction": 0.2}}'` hands the flow
+    params = prepare.validate_parameters({"config": {"val_fraction": 0.2}})
+    by_deployment = prepare(**params)
+    assert changed_fields(read_manifest(by_cli.dir)["config"], read_manifest(by_deployment.dir)["config"]) == ["val_fraction"]
+
+    # an explicit profile still wins over the latest config (whose val_fraction is 0.2)
+    result = CliRunner().invoke(app, ["stage", "prepare", "--profile", "sample", "--set", "prepare.seq_len=50"])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(latest(data_dir, "prepare").dir)["config"]["val_fraction"] == 0.1
+
+
+def test_an_interrupt_reads_like_an_interrupt_and_the_printed_command_resumes(tmp_path, data_dir):
+    """A real Ctrl-C mid-training: one line naming the step and the command, exit 130, the run Cancelled.
+
+    (SIGTERM takes the same path: the e2e cancel test sends it through a worker.)
+    """
+    signum = signal.SIGINT
+    import shlex
+
+    from prefect.client.schemas.filters import FlowRunFilterName
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.pipeline import homer_pipeline
+
+    homer_pipeline(load_config("sample", None, TINY))  # the data stages
+    sets = TINY[:3] + ["pretrain.train.max_steps=150", "pretrain.train.checkpoint_every_steps=5",
+                       "pretrain.train.batch_size=8", "pretrain.train.seed=2"]
+    env = dict(os.environ, HOMER_DATA_DIR=str(data_dir), PREFECT_API_URL=PREFECT_API_URL.value())
+    cmd = [sys.executable, "-m", "flows.cli", "stage", "pretrain", "--profile", "sample"] + [a for s in sets for a in ("--set", s)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(json.loads(p.read_text())["step"] >= 10 for p in data_dir.glob("pretrain/*/last/state.json")
+               if not (p.parent.parent / "manifest.json").exists()):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stdout + stderr
+    (line,) = [line for line in stderr.splitlines() if line.startswith("interrupted at step")]
+    step = int(line.split()[3].rstrip(";"))
+    command = line.split("`")[1]
+    assert command == "homer " + shlex.join(cmd[3:])
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="pretrain")))
+    assert sorted(r.state.name for r in runs)[-1] in ("Cancelled", "Completed") and "Cancelled" in {r.state.name for r in runs}
+
+    again = subprocess.run([sys.executable, "-m", "flows.cli", *shlex.split(command)[1:]], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    out = latest(data_dir, "pretrain")
+    manifest = read_manifest(out.dir)
+    assert manifest["counts"]["resumed_from_step"] == step and manifest["counts"]["steps"] == 150

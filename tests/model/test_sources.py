@@ -30,7 +30,7 @@ def test_csv_quirks_keep_only_the_characters_lines_with_words(small_csv):
     ]
     assert [x["row"] for x in lines] == [2, 6, 8]
     assert counts == {"rows_read": 8, "kept": 3, "dropped_blank": 1, "dropped_other_character": 3,
-                      "dropped_no_words": 1, "encoding_repairs": 1}
+                      "dropped_no_words": 1, "skipped_bad_rows": 0, "dropped_control_chars": 0, "encoding_repairs": 1}
 
 
 def test_normalise_line_repairs_mojibake_and_whitespace():
