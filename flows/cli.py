@@ -130,9 +130,12 @@ def interrupted(exc: BaseException):
 
 
 def _run(fn, refs_of, *args, **kwargs):
+    from flows.local_server import temporary_server
+
     started = time.monotonic()
     try:
-        result = fn(*args, **kwargs)
+        with temporary_server():  # with no PREFECT_API_URL: one that dies with this process, even by SIGKILL
+            result = fn(*args, **kwargs)
     except Exception as exc:
         from prefect.exceptions import CancelledRun
 

@@ -52,7 +52,7 @@ def write_csv(path: Path, text: str) -> Path:
 
 SMALL_CSV = (
     "raw_character_text,spoken_words\n"
-    "Marge Simpson,Homer, did you eat all the doughnuts?\n"
+    "Marge Simpson,\"Homer, did you eat all the doughnuts?\"\n"
     "Homer Simpson,\"Marge, I said \"\"no more\"\" and I meant it.\"\n"
     ",\n"
     "Homer Simpson,\n"
