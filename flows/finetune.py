@@ -17,8 +17,8 @@ from flows.config import FinetuneConfig, StartFrom, stage_config
 from flows.naming import run_namer
 from model.network.checkpoint import resolve_model
 from model.store.outputs import StageRef, data_root, resolve
-from tasks.common import run_stage_task
-from tasks.train import finetune_task
+from tasks.common import complete_ref, run_stage_task, stage_fingerprint
+from tasks.train import finetune_task, publish_training
 
 
 @flow(name="finetune", flow_run_name=run_namer("finetune", {"from": "start_from", "lr": "config.train.learning_rate", "epochs": "config.train.epochs",
@@ -48,7 +48,10 @@ def finetune(config: FinetuneConfig = FinetuneConfig(), prepare: StageRef | str 
     if prepare in (None, "") and start.stage == "pretrain":
         prepare = start.manifest()["inputs"]["prepare"]["fingerprint"]  # the data the model was pretrained on
     inputs = {"prepare": resolve(root, "prepare", prepare), "init": start}
+    reused = complete_ref(root, "finetune", stage_fingerprint("finetune", config, inputs)) is not None
     try:
-        return run_stage_task(finetune_task, "finetune", config, inputs, str(root))
+        ref = run_stage_task(finetune_task, "finetune", config, inputs, str(root))
     except CancelledRun as exc:  # training was interrupted on request: last/ holds the step to resume from
         return Cancelled(message=str(exc))
+    publish_training("finetune", ref, reused)
+    return ref

@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import contextvars
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import CancelledRun
 from prefect.states import Cancelled
 
 from flows.config import PipelineConfig
 from flows.naming import run_namer
 from model.store.outputs import StageRef, check_writable, data_root
+from tasks.artifacts import pipeline_summary_markdown
+from tasks.common import artifact_key
 from tasks.stages import STAGES
 
 
@@ -41,6 +45,7 @@ def homer_pipeline(config: PipelineConfig = PipelineConfig(), data_dir: str | No
     """
     root = data_root(data_dir)
     check_writable(root)
+    started = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
     sources = [stage for stage in STAGES.values() if not stage.inputs]
     with ThreadPoolExecutor(max_workers=len(sources)) as pool:  # the ingests at the same time
         running = {s.name: _in_thread(pool, s.load_flow(), getattr(config, s.section), str(root), "config") for s in sources}
@@ -56,4 +61,7 @@ def homer_pipeline(config: PipelineConfig = PipelineConfig(), data_dir: str | No
                                                      start_from="config")
             except CancelledRun as exc:  # a stage was interrupted on request: so is the pipeline
                 return Cancelled(message=str(exc))
+    # The pipeline run's own page shows the outcome, not only its subflow runs' pages.
+    create_markdown_artifact(key=artifact_key("pipeline", "summary"), markdown=pipeline_summary_markdown(refs, started),
+                             description="where each stage's output is, bits per character, samples and loss curves")
     return refs

@@ -49,3 +49,21 @@ def location_markdown(title: str, location: str | Path, fingerprint: str | None 
     if note:
         lines += ["", note]
     return "\n".join(lines) + "\n"
+
+
+def pipeline_summary_markdown(refs: dict, started_iso: str) -> str:
+    """The pipeline run's own artifact: where each stage's output is (made now or reused), then the report
+    (bits per character, samples) with its loss-curve image."""
+    import json
+
+    lines = ["# recurrent-homer pipeline", "", "| stage | output | fingerprint | this run |", "| --- | --- | --- | --- |"]
+    for stage, ref in refs.items():
+        created = json.loads((ref.dir / "manifest.json").read_text(encoding="utf-8")).get("created", "")
+        made = "reused" if created and created < started_iso else "made"
+        lines.append(f"| {stage} | {code(ref.path)} | {code(ref.fingerprint)} | {made} |")
+    report = refs.get("report")
+    if report is not None:
+        body = (report.dir / "report.md").read_text(encoding="utf-8")
+        body = body.replace("![loss curves](loss.png)", png_markdown(report.dir / "loss.png", "loss curves"))
+        lines += ["", body.replace("# recurrent-homer report", "## The report", 1)]
+    return "\n".join(lines) + "\n"

@@ -215,15 +215,26 @@ def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: 
         manifest["history"] = result.history
         write_manifest(out, manifest)
         set_latest(root, stage, fp)
-    create_markdown_artifact(key=artifact_key(stage, "checkpoint"),
-                             markdown=location_markdown(f"{stage} best/", out / "best", fp, note="`last/` is beside it."),
-                             description=f"best validation checkpoint of {stage}; last/ is beside it")
-    create_markdown_artifact(key=artifact_key(stage, "loss", "curves"),
-                             markdown=f"### {stage} loss curves\n\n{png_markdown(out / 'loss.png', f'{stage} loss curves')}\n",
-                             description=f"{stage}: training and validation loss (nats/char) against step")
-    create_table_artifact(key=artifact_key(stage, "summary"), table=[{"metric": k, "value": v} for k, v in {**counts, **metrics}.items()],
-                          description=f"{stage}: final metrics")
     return StageRef(stage=stage, fingerprint=fp, path=str(out))
+
+
+def publish_training(stage: str, ref: StageRef, reused: bool) -> None:
+    """The UI's artifacts of a training output: where best/ is, the loss curves, the final metrics.
+
+    Published by the flow for every run, also when the output was reused (a cached run), so
+    a cached run's page shows what the first run's did, marked as reused.
+    """
+    manifest = ref.manifest()
+    note = "`last/` is beside it." + (" Reused: made by an earlier run with the same fingerprint." if reused else "")
+    tag = " (reused)" if reused else ""
+    create_markdown_artifact(key=artifact_key(stage, "checkpoint"),
+                             markdown=location_markdown(f"{stage} best/{tag}", ref.dir / "best", ref.fingerprint, note=note),
+                             description=f"best validation checkpoint of {stage}{tag}; last/ is beside it")
+    create_markdown_artifact(key=artifact_key(stage, "loss", "curves"),
+                             markdown=f"### {stage} loss curves{tag}\n\n{png_markdown(ref.dir / 'loss.png', f'{stage} loss curves')}\n",
+                             description=f"{stage}: training and validation loss (nats/char) against step{tag}")
+    rows = [{"metric": k, "value": v} for k, v in {**manifest["counts"], **manifest["metrics"], "reused": reused}.items()]
+    create_table_artifact(key=artifact_key(stage, "summary"), table=rows, description=f"{stage}: final metrics{tag}")
 
 
 @task(name="pretrain", cache_key_fn=stage_cache_key("pretrain"), persist_result=True, retries=1,

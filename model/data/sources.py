@@ -16,6 +16,7 @@ import csv
 import difflib
 import gzip
 import hashlib
+import io
 import json
 import logging
 import lzma
@@ -355,9 +356,6 @@ def _not_utf8(kind: FileKind, setting: str, line: int, offset: int, data: bytes,
                        f"Convert it: `{command}`, then {_redirect(setting, out)}")
 
 
-_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)")
-
-
 def read_lines(kind: FileKind, setting: str) -> Iterator[str]:
     """The text lines of a file (line ends kept), decompressed and decoded as `kind` says.
 
@@ -382,25 +380,21 @@ def read_lines(kind: FileKind, setting: str) -> Iterator[str]:
                 except UnicodeDecodeError as exc:
                     data = buffered + chunk
                     before = data[: exc.start].decode(kind.encoding, errors="replace").count("\n")
-                    bad_line, bad_offset = line + pending.count("\n") + before, offset - len(buffered) + exc.start
+                    bad_line, bad_offset = line + before, offset - len(buffered) + exc.start
                     if kind.encoding == "utf-8":
                         raise _not_utf8(kind, setting, bad_line, bad_offset, data, exc.start) from None
                     raise SourceError(f"{kind.path}: line {bad_line} (byte {bad_offset}) is not valid {kind.bom_name} "
                                       f"although the file starts with a {kind.bom_name} byte-order mark; the file is damaged "
                                       f"or mixes encodings: export it again as UTF-8") from None
                 offset += len(chunk)
+                line += text.count("\n")
                 pending += text
-                position = 0
-                for match in _LINE.finditer(pending):
-                    if not final and match.end() == len(pending) and pending.endswith("\r"):
-                        break  # a \r\n may be split between chunks
-                    yield match.group()
-                    line += match.group().endswith("\n")
-                    position = match.end()
-                pending = pending[position:]
+                # Whole lines up to the last \n (so no \r\n is split); \r, \n and \r\n end lines, as csv expects.
+                cut = len(pending) if final else pending.rfind("\n") + 1
+                if cut:
+                    block, pending = pending[:cut], pending[cut:]
+                    yield from io.StringIO(block, newline="")
                 if final:
-                    if pending:
-                        yield pending
                     return
         except errors as exc:
             if not kind.compression:
@@ -858,8 +852,8 @@ def _csv_rows(kind: FileKind, setting: str, on_bad_rows: str, drops: Counter) ->
         number += 1
         where = f"{path}: row {number}" + (f" (line {first_line})" if first_line != number else "")
         if row and len(row) != len(header):
-            bad_row(where, f"has {len(row)} field(s) but the header (row 1) has {len(header)}: an unquoted comma, "
-                           f"or a missing one? Quote a field that holds commas (\"...\")", on_bad_rows, drops, "simpsons")
+            bad_row(where, f"has {len(row)} field(s) but the header (row 1) has {len(header)} (a comma in a field that is not "
+                           f"quoted, or a missing field?); quote a field that holds commas (\"...\")", on_bad_rows, drops, "simpsons")
             yield number - 1, where, None
             continue
         yield number - 1, where, dict(zip(header, row))

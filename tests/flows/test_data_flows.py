@@ -192,7 +192,8 @@ def test_cli_stage_ingest_simpsons_and_prepare_print_a_summary(data_dir, small_c
 def test_latest_follows_the_last_run_even_when_it_is_cached(data_dir, small_csv):
     from flows.ingest_simpsons import ingest_simpsons
 
-    homer = SimpsonsConfig(source="local", path=str(small_csv))
+    # the character is given explicitly: a stage run starts from its latest output's config and changes only the fields given
+    homer = SimpsonsConfig(source="local", path=str(small_csv), character="Homer Simpson")
     marge = SimpsonsConfig(source="local", path=str(small_csv), character="Marge Simpson")
     a = ingest_simpsons(homer)
     b = ingest_simpsons(marge)

@@ -41,6 +41,17 @@ def task_states(flow_run_id) -> dict[str, str]:
             ("ingest", "prepare", "pretrain", "finetune", "report")}
 
 
+def run_artifacts(flow_run_id) -> dict:
+    """Artifact key -> artifact, for a pipeline run and its subflow runs."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        ids = [flow_run_id, *(r.id for r in children)]
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
+    return {a.key: a for a in found if a.key}
+
+
 def manifest_mtimes(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.glob("*/*/manifest.json")}
 
@@ -64,6 +75,16 @@ def test_pipeline_reuses_everything_and_recomputes_only_downstream(data_dir):
     assert set(states) == {"ingest-wikipedia", "ingest-simpsons", "prepare", "pretrain", "finetune", "report"}
     assert set(states.values()) == {"Cached"}, states
     assert manifest_mtimes(data_dir) == before  # outputs untouched
+
+    # Artifacts where people look: the pipeline run's own summary, and a cached run's stages still publish theirs.
+    artifacts = run_artifacts(again.state_details.flow_run_id)
+    summary = artifacts["homer-pipeline-summary"]
+    assert summary.flow_run_id == again.state_details.flow_run_id
+    assert "data:image/png;base64," in summary.data and "test bits/char" in summary.data
+    assert summary.data.count("| reused |") == 6 and refs["pretrain"].path in summary.data
+    for key in ("homer-pretrain-checkpoint", "homer-pretrain-loss-curves", "homer-finetune-loss-curves", "homer-report"):
+        assert key in artifacts, (key, sorted(artifacts))
+    assert "(reused)" in artifacts["homer-pretrain-checkpoint"].data
 
     changed = homer_pipeline(load_config("sample", None, TINY + ["prepare.seq_len=50"]))
     for stage in ("ingest-wikipedia", "ingest-simpsons"):
