@@ -20,6 +20,9 @@ os.environ["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = "0.3"
 os.environ["HF_HOME"] = str(_SESSION_HOME / "hf")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["KAGGLEHUB_CACHE"] = str(_SESSION_HOME / "kagglehub")
+# Trainings count each other to share the cores (model/training/threads.py): only this session's count here,
+# so another process on the machine cannot change a test's thread count (and its floating-point results).
+os.environ["HOMER_TRAINING_REGISTRY"] = str(_SESSION_HOME / "trainings")
 os.environ.pop("HOMER_DATA_DIR", None)
 
 REPO = Path(__file__).resolve().parent.parent

@@ -3,6 +3,15 @@
 Plain functions, no Prefect: the ingest tasks call them. Each reader yields rows and
 reports what it dropped and why, so a manifest can count every row.
 
+A local file is told from its bytes, not its name (`sniff`): gzip, bz2, xz and (with the
+`zstandard` module) zstd are decompressed; UTF-8 with or without a BOM and UTF-16/32 with
+a BOM are decoded; anything else (an archive, BOM-less UTF-16, legacy 8-bit text) is
+refused naming what it is, the line and byte, and a command that converts it. CSV is
+parsed strictly (an unterminated quote or a wrong number of fields names the row as a
+spreadsheet numbers it); control characters (category Cc less tab and line breaks) and
+values of the wrong type are errors naming file, row and column, or dropped / skipped
+and counted (`control_chars`, `on_bad_rows`).
+
     cfg = WikipediaConfig(source="local", path="articles.jsonl", max_articles=100)
     for article in read_wikipedia(cfg): ...        # dicts: id, url, title, text
     lines, counts = read_simpsons_csv("simpsons_dataset.csv", "Homer Simpson")

@@ -198,9 +198,14 @@ def scored_chars(windows: np.ndarray, overlap: np.ndarray | None = None) -> int:
     return int(windows.shape[0] * (windows.shape[1] - 1) - (0 if overlap is None else overlap.sum(dtype=np.int64)))
 
 
+class EvaluationStopped(Exception):
+    """should_stop() asked to stop in the middle of an evaluation."""
+
+
 @torch.no_grad()
 def evaluate(model: CharRNN, windows: np.ndarray, *, batch_size: int, device: torch.device,
-             amp: torch.dtype | None = None, overlap: np.ndarray | None = None) -> float:
+             amp: torch.dtype | None = None, overlap: np.ndarray | None = None,
+             should_stop: Callable[[], bool] | None = None) -> float:
     """Mean loss in nats/char over every scored target.
 
     windows (N, T + 1); overlap (N,) skips each window's leading targets that an earlier
@@ -211,6 +216,9 @@ def evaluate(model: CharRNN, windows: np.ndarray, *, batch_size: int, device: to
     total = torch.zeros((), dtype=torch.float64, device=device)
     positions = torch.arange(windows.shape[1] - 1, device=device)  # (T,)
     for i in range(0, len(windows), batch_size):
+        if should_stop is not None and should_stop():  # a large validation set must not delay a cancel
+            model.train(was_training)
+            raise EvaluationStopped
         batch = torch.from_numpy(windows[i:i + batch_size].astype(np.int64)).to(device)  # (B, T + 1)
         if overlap is None:
             total += batch_loss(model, batch, amp, reduction="sum")
@@ -294,6 +302,7 @@ class RunState:
     metrics: RunMetrics = field(default_factory=RunMetrics)
     history: list[dict] = field(default_factory=list)  # one epoch entry per completed epoch
     grad_scaler: dict | None = None  # fp16's GradScaler state
+    validation_pending: bool = False  # a stop interrupted the validation at `step`: it runs first on resume
 
     @classmethod
     def from_saved(cls, saved: dict) -> "RunState":
@@ -480,8 +489,15 @@ def log_progress(s: Session) -> None:
 def validate(s: Session) -> dict:
     """Evaluate on the validation windows, keep best/, count patience; returns the eval entry."""
     flush(s)
-    with s.clock.paused():
-        loss = evaluate(s.model, s.val_w, batch_size=4 * s.cfg.batch_size, device=s.device, amp=s.amp, overlap=s.val_overlap)
+    try:
+        with s.clock.paused():
+            loss = evaluate(s.model, s.val_w, batch_size=4 * s.cfg.batch_size, device=s.device, amp=s.amp,
+                            overlap=s.val_overlap, should_stop=s.callbacks.should_stop)
+    except EvaluationStopped:
+        s.run.validation_pending = True
+        save(s, "last")
+        raise TrainingStopped(s.run.step, s.out_dir / "last") from None
+    s.run.validation_pending = False
     m = s.run.metrics
     improved = m.best_val_loss is None or loss < m.best_val_loss
     m.last_val_loss, m.last_eval_step, m.bad_evals = loss, s.run.step, 0 if improved else m.bad_evals + 1
@@ -567,7 +583,9 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, o
         s = start(model_config=model_config, cfg=train_config, shards_dir=shards_dir, out_dir=out_dir, vocab=vocab,
                   init_from=init_from, callbacks=callbacks or TrainCallbacks())
         s.cores = cores
-        s.stop = out_of_steps(s)
+        if s.run.validation_pending and s.run.batch_in_epoch < s.n_batches:  # (at an epoch's end, end_epoch validates)
+            validate(s)
+        s.stop = out_of_steps(s) or s.run.stopped_early
         while not s.stop and s.run.epoch < s.cfg.epochs:
             run_epoch(s)
         flush(s)

@@ -27,12 +27,12 @@ def _local_simpsons(path) -> list[str]:
 def test_bad_input_ends_in_one_error_line(kind, tmp_path, data_dir):
     wrong_columns = tmp_path / "columns.csv"
     wrong_columns.write_text("speaker,line\nHomer Simpson,D'oh!\n", encoding="utf-8")
-    gzipped = tmp_path / "lines.csv"
-    gzipped.write_bytes(gzip.compress(b"raw_character_text,spoken_words\nHomer Simpson,D'oh!\n" * 50))
+    zipped = tmp_path / "lines.csv"  # an .xlsx workbook saved under a .csv name: a zip archive
+    zipped.write_bytes(b"PK\x03\x04" + gzip.compress(b"raw_character_text,spoken_words\nHomer Simpson,D'oh!\n" * 50))
     args, names = {
         "wrong columns": (_local_simpsons(wrong_columns), "columns.csv"),
         "missing file": (_local_simpsons(tmp_path / "nowhere.csv"), "nowhere.csv"),
-        "wrong format": (_local_simpsons(gzipped), "lines.csv"),
+        "wrong format": (_local_simpsons(zipped), "lines.csv"),
         "missing stage input": (["stage", "pretrain", "--profile", "sample", "--input", "prepare=0123456789abcdef"], "0123456789abcdef"),
         "unknown checkpoint": (["generate", "--checkpoint", str(tmp_path / "no-such-checkpoint")], "no-such-checkpoint"),
     }[kind]

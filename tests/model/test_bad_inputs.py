@@ -53,6 +53,7 @@ ENCODED = {
     "bz2": lambda t: bz2.compress(t.encode()),
     "xz": lambda t: lzma.compress(t.encode()),
     "gzip-of-utf-16": lambda t: gzip.compress(t.encode("utf-16")),
+    "crlf-utf-16": lambda t: t.replace("\n", "\r\n").encode("utf-16"),  # a spreadsheet's "Unicode text" export
 }
 
 
