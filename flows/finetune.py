@@ -10,15 +10,12 @@ optimizer and the fine-tuning schedule (1e-5 for 4 epochs, then decay).
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
-from prefect.exceptions import CancelledRun
-from prefect.states import Cancelled
 
 from flows.config import FinetuneConfig, StartFrom, stage_config
 from flows.naming import run_namer
 from model.network.checkpoint import resolve_model
 from model.store.outputs import StageRef, data_root, resolve
-from tasks.common import complete_ref, run_stage_task, stage_fingerprint
-from tasks.train import finetune_task, publish_training
+from tasks.train import finetune_task, run_training
 
 
 @flow(name="finetune", flow_run_name=run_namer("finetune", {"from": "start_from", "lr": "config.train.learning_rate", "epochs": "config.train.epochs",
@@ -48,10 +45,4 @@ def finetune(config: FinetuneConfig = FinetuneConfig(), prepare: StageRef | str 
     if prepare in (None, "") and start.stage == "pretrain":
         prepare = start.manifest()["inputs"]["prepare"]["fingerprint"]  # the data the model was pretrained on
     inputs = {"prepare": resolve(root, "prepare", prepare), "init": start}
-    reused = complete_ref(root, "finetune", stage_fingerprint("finetune", config, inputs)) is not None
-    try:
-        ref = run_stage_task(finetune_task, "finetune", config, inputs, str(root))
-    except CancelledRun as exc:  # training was interrupted on request: last/ holds the step to resume from
-        return Cancelled(message=str(exc))
-    publish_training("finetune", ref, reused)
-    return ref
+    return run_training(finetune_task, "finetune", config, inputs, str(root))

@@ -10,14 +10,11 @@ With no input it trains on the latest `prepare` output. Interrupted, it resumes 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
-from prefect.exceptions import CancelledRun
-from prefect.states import Cancelled
 
 from flows.config import PretrainConfig, StartFrom, stage_config
 from flows.naming import run_namer
 from model.store.outputs import StageRef, data_root, resolve
-from tasks.common import complete_ref, run_stage_task, stage_fingerprint
-from tasks.train import pretrain_task, publish_training
+from tasks.train import pretrain_task, run_training
 
 
 @flow(name="pretrain", flow_run_name=run_namer("pretrain", {"from": "start_from", "cell": "config.model.cell", "hidden": "config.model.hidden_sizes",
@@ -36,10 +33,4 @@ def pretrain(config: PretrainConfig = PretrainConfig(), prepare: StageRef | str 
     config, origin = stage_config(root, "pretrain", config, start_from)
     get_run_logger().info("config: started from %s", origin)
     inputs = {"prepare": resolve(root, "prepare", prepare)}
-    reused = complete_ref(root, "pretrain", stage_fingerprint("pretrain", config, inputs)) is not None
-    try:
-        ref = run_stage_task(pretrain_task, "pretrain", config, inputs, str(root))
-    except CancelledRun as exc:  # training was interrupted on request: last/ holds the step to resume from
-        return Cancelled(message=str(exc))
-    publish_training("pretrain", ref, reused)
-    return ref
+    return run_training(pretrain_task, "pretrain", config, inputs, str(root))

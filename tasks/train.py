@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from prefect import get_run_logger, task
+from prefect.exceptions import CancelledRun
 from prefect.states import Cancelled
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
@@ -32,7 +33,7 @@ from model.store.outputs import StageRef, StoreError, check_writable, data_root,
 from model.training.loop import NonFiniteLossError, TrainCallbacks, TrainConfig, TrainingStopped, train
 from model.data.vocab import Vocab, VocabularyError
 from tasks.artifacts import location_markdown, png_markdown
-from tasks.common import artifact_key, complete_ref, stage_cache_key, stage_fingerprint
+from tasks.common import artifact_key, complete_ref, run_stage_task, stage_cache_key, stage_fingerprint
 
 # Retrying these gives the same answer: bad inputs, a mismatch, a NaN, a requested stop.
 NO_RETRY = (NonFiniteLossError, TrainingStopped, CheckpointError, ShardError, VocabularyError, StoreError, ValueError)
@@ -235,6 +236,21 @@ def publish_training(stage: str, ref: StageRef, reused: bool) -> None:
                              description=f"{stage}: training and validation loss (nats/char) against step{tag}")
     rows = [{"metric": k, "value": v} for k, v in {**manifest["counts"], **manifest["metrics"], "reused": reused}.items()]
     create_table_artifact(key=artifact_key(stage, "summary"), table=rows, description=f"{stage}: final metrics{tag}")
+
+
+def run_training(stage_task, stage: str, config, inputs: dict[str, StageRef], root: str) -> StageRef | Cancelled:
+    """Run a training stage's task and publish its artifacts (also for a reused output).
+
+    An interrupt asked for (Ctrl-C, SIGTERM, a cancel from the UI) ends the flow Cancelled,
+    not Failed: last/ holds the step to resume from.
+    """
+    reused = complete_ref(data_root(root), stage, stage_fingerprint(stage, config, inputs)) is not None
+    try:
+        ref = run_stage_task(stage_task, stage, config, inputs, root)
+    except CancelledRun as exc:
+        return Cancelled(message=str(exc))
+    publish_training(stage, ref, reused)
+    return ref
 
 
 @task(name="pretrain", cache_key_fn=stage_cache_key("pretrain"), persist_result=True, retries=1,
