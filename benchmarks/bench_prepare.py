@@ -29,7 +29,7 @@ import pyarrow as pa  # noqa: E402
 pa.set_cpu_count(1)
 pa.set_io_thread_count(1)
 
-from model import prepare as prep  # noqa: E402
+from model.data import prepare as prep  # noqa: E402
 from model.data.prepare import PrepareConfig, corpus_char_counts, write_corpus, write_shards  # noqa: E402
 from model.data.sources import SAMPLE_WIKIPEDIA  # noqa: E402
 from model.data.vocab import build_vocab  # noqa: E402

@@ -213,7 +213,7 @@ def stage_config(root, stage: str, config: BaseModel, start_from: StartFrom = "l
         return config, "the given config"
     if not (Path(root) / stage / LATEST).exists():
         return config, "the given config (no earlier output to start from)"
-    ref = latest(root, stage)  # a `latest` naming a missing or damaged output is an error, not a silent default
+    ref = latest(root, stage, intact=False)  # its config is enough; a damaged output is rebuilt by the run itself
     base = ref.manifest()["config"]
     resolved = start_from_latest(config, base)
     changed = changed_fields(base, resolved.model_dump(mode="json"))

@@ -22,7 +22,7 @@ from typing import Callable
 
 from prefect import get_run_logger, task
 from prefect.exceptions import CancelledRun
-from prefect.states import Cancelled
+from prefect.states import Cancelled, State
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from model.network.checkpoint import CheckpointError, model_checkpoint, read_state, resolve_checkpoint
@@ -249,6 +249,8 @@ def run_training(stage_task, stage: str, config, inputs: dict[str, StageRef], ro
         ref = run_stage_task(stage_task, stage, config, inputs, root)
     except CancelledRun as exc:
         return Cancelled(message=str(exc))
+    if isinstance(ref, State):  # the task ended Cancelled: the flow does too
+        return ref
     publish_training(stage, ref, reused)
     return ref
 
