@@ -5,5 +5,5 @@
 - `prepare`: corpora, the document split (train/val/test) and windows
 - `shards`: Parquet sequence shards, written and read
 
-May import: numpy, pyarrow, datasets, kagglehub, ftfy, pydantic. Nothing else of `model`.
+May import: numpy, pyarrow, datasets, kagglehub, ftfy, pydantic, and `model.store` (to name a damaged file's output).
 """

@@ -166,12 +166,12 @@ def test_prepare_runs_on_the_worker_and_publishes_artifacts(stack, seen):
                for stage, section in (("ingest-wikipedia", "wikipedia"), ("ingest-simpsons", "simpsons"))}
     for stage, run_id in ingests.items():
         run = stack.wait_final(run_id, timeout=150)
-        assert run["name"].startswith(f"{stage} source=sample"), run["name"]
+        assert run["name"].startswith(f"{stage} from=latest source=sample"), run["name"]
         assert {f"homer-{stage}-output", f"homer-{stage}-counts"} <= keys_of(stack.artifacts(run_id))
 
     run_id = stack.trigger("prepare/prepare", {"config": SAMPLE["prepare"]})  # no upstream: the latest ingests
     run = stack.wait_final(run_id, timeout=120)
-    assert run["name"] == "prepare seq_len=100 val=0.1", run["name"]
+    assert run["name"] == "prepare from=latest seq_len=100 val=0.1", run["name"]
     artifacts = stack.artifacts(run_id)
     assert {"homer-prepare-output", "homer-prepare-counts"} <= keys_of(artifacts)
     out = location_path(artifacts, "homer-prepare-output")
@@ -194,7 +194,7 @@ def test_pretrain_alone_trains_on_the_shards_prepare_just_wrote(stack, seen):
     parameters = pretrain_parameters()
     run_id = stack.trigger("pretrain/pretrain", parameters)  # no `prepare` given
     run = stack.wait_final(run_id, timeout=150)
-    assert run["name"] == "pretrain cell=gru hidden=32 lr=0.001 epochs=1", run["name"]
+    assert run["name"] == "pretrain from=latest cell=gru hidden=32 lr=0.001 epochs=1", run["name"]
     artifacts = stack.artifacts(run_id)
     assert {"homer-pretrain-checkpoint", "homer-pretrain-summary", "homer-pretrain-progress", "homer-pretrain-loss-curves"} <= keys_of(artifacts)
     best = location_path(artifacts, "homer-pretrain-checkpoint")
@@ -420,6 +420,21 @@ def test_homer_serve_serves_every_deployment_from_one_process(stack):
 
     run_id = stack.trigger("ingest-simpsons/ingest-simpsons")  # no parameters: the served sample ones
     run = stack.wait_final(run_id, timeout=120)
-    assert run["name"].startswith("ingest-simpsons source=sample"), run["name"]
+    assert run["name"].startswith("ingest-simpsons from=latest source=sample"), run["name"]
     assert str(run_id) in (stack.logs / "serve.log").read_text(), "the serve process should have run it"
     assert {"homer-ingest-simpsons-output", "homer-ingest-simpsons-counts"} <= keys_of(stack.artifacts(run_id))
+
+
+def test_rerunning_prepare_through_the_api_changes_the_given_field_alone(stack, seen):
+    """`prefect deployment run prepare/prepare --params '{"config": {"seq_len": 50}}'` after a sample run: like last
+    time (the sample's lines_per_doc, not the default), with seq_len changed. Last in the module: it moves prepare/latest."""
+    from flows.config import changed_fields
+
+    first: StageRef = seen.need("prepare")
+    run_id = stack.trigger("prepare/prepare", {"config": {"seq_len": 50}})
+    run = stack.wait_final(run_id, timeout=120)
+    assert run["state_type"] == "COMPLETED", stack.describe(run_id)
+    out = location_path(stack.artifacts(run_id), "homer-prepare-output")
+    assert out != first.dir and latest(stack.data_dir, "prepare").fingerprint == out.name
+    assert changed_fields(read_manifest(first.dir)["config"], read_manifest(out)["config"]) == ["seq_len"]
+    assert f"the config of prepare {first.fingerprint}" in "\n".join(stack.run_logs(run_id))
