@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import json
 import math
 import os
@@ -48,6 +49,24 @@ def _retry_unless_final(_task, _run, state) -> bool:
         return True
     return True
 
+
+class _RequestedCancelIsNoError(logging.Filter):
+    """Prefect logs every final state but Completed at ERROR, and a Cancelled top-level run's result as an
+    unexpected exception: a cancel that was asked for (the UI, Ctrl-C) is no error, so those say INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            cancelled = record.exc_info and isinstance(record.exc_info[1], CancelledRun)
+            if cancelled or record.getMessage().startswith("Finished in state Cancelled"):
+                record.levelno, record.levelname = logging.INFO, "INFO"
+                if cancelled:
+                    record.msg, record.args = f"Finished: cancelled on request ({record.exc_info[1]})", None
+                    record.exc_info = record.exc_text = None
+        return True
+
+
+for _name in ("prefect.flow_runs", "prefect.task_runs"):
+    logging.getLogger(_name).addFilter(_RequestedCancelIsNoError())
 
 STOPPED_BY: dict[str, int | None] = {"signal": None}  # the signal that stopped the last training in this process
 
