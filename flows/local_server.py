@@ -45,6 +45,19 @@ def _in_own_session(popen):
     return start
 
 
+def _flush_to(server) -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    if server.server_process is None:
+        return
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=5)
+        except Exception:  # noqa: BLE001 - a failed flush must not hide the command's own outcome
+            pass
+
+
 @contextlib.contextmanager
 def temporary_server() -> Iterator[str | None]:
     """Run the body against a temporary server that cannot outlive this process; yields its API URL."""
@@ -76,6 +89,7 @@ def temporary_server() -> Iterator[str | None]:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield server.api_url
     finally:
+        _flush_to(server)  # logs and events still queued go out while the server is up
         server.stop()
         watchdog.stdin.close()  # the watchdog finds the group gone and exits
         try:

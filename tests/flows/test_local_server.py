@@ -66,3 +66,22 @@ def test_sigkill_of_homer_leaves_no_server_behind(tmp_path):
             proc.kill()
         if server and _alive(server):
             os.killpg(server, signal.SIGKILL)
+
+
+def test_a_command_on_the_temporary_server_ends_and_takes_it_along(tmp_path):
+    """The normal path: queued logs are flushed while the server is up, then it stops, and `homer` exits."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(HOMER_DATA_DIR=str(tmp_path / "data"), PREFECT_HOME=str(tmp_path / "prefect"))
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "stage", "ingest-simpsons", "--profile", "sample"], env=env,
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    servers: set[int] = set()
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        servers.update(p for p in _children(proc.pid) if "uvicorn" in _cmdline(p))
+        time.sleep(0.2)
+    if proc.poll() is None:
+        proc.kill()
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert "Error logging to API" not in out + err and (tmp_path / "data" / "ingest-simpsons" / "latest").exists()
+    assert servers and not [p for p in servers if _alive(p)]
