@@ -7,7 +7,7 @@ core (`num_threads` = all cores, torch's own default, as before). Prints a markd
 training chars/s (validation and checkpoints excluded). Target: each of two at once keeps
 at least 40% of the solo rate.
 
-    PYTHONPATH=. python benchmarks/bench_share.py              # about 2 minutes on 2 cores
+    PYTHONPATH=. python benchmarks/bench_share.py              # about 9 minutes on 2 cores: the last row crawls
 """
 
 from __future__ import annotations

@@ -105,11 +105,13 @@ PROFILES: dict[str, dict[str, Any]] = {
         "prepare": {"lines_per_doc": 10},
         "pretrain": {
             "model": {"embedding_dim": 64, "hidden_sizes": [384], "dropout": 0.1},
-            "train": {"learning_rate": 2e-3, "batch_size": 64, "epochs": 10, "constant_epochs": 3, "max_steps": 3000,
+            # the step budget is the limit (3000 x 64 x 100 characters: about 30 minutes at 11k chars/s),
+            # early stopping the other; epochs only bound a small corpus
+            "train": {"learning_rate": 2e-3, "batch_size": 64, "epochs": 50, "constant_epochs": 3, "max_steps": 3000,
                       "early_stopping_patience": 2, "eval_every_steps": 500, "max_val_windows": 2000, "device": "cpu"},
         },
         "finetune": {
-            "train": {"learning_rate": 3e-4, "batch_size": 64, "epochs": 10, "constant_epochs": 2, "max_steps": 600,
+            "train": {"learning_rate": 3e-4, "batch_size": 64, "epochs": 50, "constant_epochs": 2, "max_steps": 600,
                       "early_stopping_patience": 2, "eval_every_steps": 100, "max_val_windows": 2000, "device": "cpu"},
         },
     },
