@@ -14,8 +14,8 @@ and those after it.
 from __future__ import annotations
 
 import contextvars
+import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -45,7 +45,7 @@ def homer_pipeline(config: PipelineConfig = PipelineConfig(), data_dir: str | No
     """
     root = data_root(data_dir)
     check_writable(root)
-    started = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    started = time.time()
     sources = [stage for stage in STAGES.values() if not stage.inputs]
     with ThreadPoolExecutor(max_workers=len(sources)) as pool:  # the ingests at the same time
         running = {s.name: _in_thread(pool, s.load_flow(), getattr(config, s.section), str(root), "config") for s in sources}

@@ -51,15 +51,13 @@ def location_markdown(title: str, location: str | Path, fingerprint: str | None 
     return "\n".join(lines) + "\n"
 
 
-def pipeline_summary_markdown(refs: dict, started_iso: str) -> str:
-    """The pipeline run's own artifact: where each stage's output is (made now or reused), then the report
-    (bits per character, samples) with its loss-curve image."""
-    import json
-
+def pipeline_summary_markdown(refs: dict, started: float) -> str:
+    """The pipeline run's own artifact: where each stage's output is (made by this run, or reused: its
+    manifest is older than `started`, a time.time()), then the report (bits per character, samples)
+    with its loss-curve image."""
     lines = ["# recurrent-homer pipeline", "", "| stage | output | fingerprint | this run |", "| --- | --- | --- | --- |"]
     for stage, ref in refs.items():
-        created = json.loads((ref.dir / "manifest.json").read_text(encoding="utf-8")).get("created", "")
-        made = "reused" if created and created < started_iso else "made"
+        made = "reused" if (ref.dir / "manifest.json").stat().st_mtime < started else "made"
         lines.append(f"| {stage} | {code(ref.path)} | {code(ref.fingerprint)} | {made} |")
     report = refs.get("report")
     if report is not None:
