@@ -190,16 +190,31 @@ def start_from_latest(config: BaseModel, manifest_config: dict | None) -> BaseMo
     return type(config).model_validate(deep_merge(manifest_config, explicit_fields(config)))
 
 
-def changed_fields(before: dict, after: dict, prefix: str = "") -> list[str]:
+def overrides(value: BaseModel | dict, default: BaseModel | dict) -> dict:
+    """The fields of `value` that differ from `default`, nested (lists compare whole)."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    if isinstance(default, BaseModel):
+        default = default.model_dump(mode="json")
+    out = {}
+    for key, item in value.items():
+        base = default.get(key)
+        if isinstance(item, dict) and isinstance(base, dict):
+            if nested := overrides(item, base):
+                out[key] = nested
+        elif key not in default or item != base:
+            out[key] = item
+    return out
+
+
+def changed_fields(before: dict, after: dict) -> list[str]:
     """Dotted names of the fields whose values differ between two config dumps."""
-    names = []
-    for key in sorted(set(before) | set(after)):
-        a, b = before.get(key), after.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            names += changed_fields(a, b, f"{prefix}{key}.")
-        elif a != b:
-            names.append(f"{prefix}{key}")
-    return names
+
+    def dotted(tree: dict, prefix: str = "") -> list[str]:
+        return [name for key, value in sorted(tree.items())
+                for name in (dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]
+
+    return dotted(overrides(after, before))
 
 
 def stage_config(root, stage: str, config: BaseModel, start_from: StartFrom = "latest") -> tuple[BaseModel, str]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from flows.config import PROFILES, PipelineConfig, deep_merge
+from flows.config import PROFILES, PipelineConfig, deep_merge, overrides
 from tasks.stages import STAGES
 
 WEEKLY_CRON = "0 3 * * 1"  # minute hour day-of-month month day-of-week: Mondays at 03:00
@@ -34,23 +34,6 @@ SAMPLE_DESCRIPTION = ("The whole pipeline on the bundled sample data with a smal
 
 # Deployments besides one per stage of tasks.stages.STAGES: generate makes samples, not a stage output.
 GENERATE = {"name": "generate", "entrypoint": "flows.generate.generate_flow", "tags": ["homer", "stage"]}
-
-
-def overrides(value: BaseModel | dict, default: BaseModel | dict) -> dict:
-    """The fields of `value` that differ from `default`, nested (lists compare whole)."""
-    if isinstance(value, BaseModel):
-        value = value.model_dump(mode="json")
-    if isinstance(default, BaseModel):
-        default = default.model_dump(mode="json")
-    out = {}
-    for key, item in value.items():
-        base = default.get(key)
-        if isinstance(item, dict) and isinstance(base, dict):
-            if nested := overrides(item, base):
-                out[key] = nested
-        elif key not in default or item != base:
-            out[key] = item
-    return out
 
 
 def _config_parameters(value: BaseModel | dict, default: BaseModel | dict) -> dict[str, Any]:
