@@ -214,6 +214,7 @@ def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: 
         terminal = TerminalProgress(stage, total_steps, train_config.epochs)  # a live line only when stderr is a terminal
         with _StopFlag() as stop, gpu_slot(train_config.device):
             callbacks, finished = prefect_callbacks(stage, total_steps, stop, history, terminal)
+            log.info("training %s into %s: %d steps planned", stage, out, total_steps)
             try:
                 result = train(model_config=model_config, train_config=train_config, shards_dir=shards, out_dir=out,
                                vocab=vocab, init_from=init_from, callbacks=callbacks)

@@ -71,16 +71,21 @@ def _unb64(s: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
 
 
-def capture_rng() -> dict:
-    """The python, numpy (global) and torch (CPU and every CUDA device) RNG states as JSON."""
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state(legacy=False)
-    np_state["state"]["key"] = np_state["state"]["key"].tolist()
+def rng_snapshot() -> tuple:
+    """The python, numpy (global) and torch (CPU and every CUDA device) RNG states, copied cheaply (no JSON yet)."""
+    return (random.getstate(), np.random.get_state(legacy=False), torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def capture_rng(snapshot: tuple | None = None) -> dict:
+    """The RNG states now (or those of an earlier `rng_snapshot()`) as JSON."""
+    (version, internal, gauss), np_state, cpu, cuda = snapshot or rng_snapshot()
+    np_state = dict(np_state, state=dict(np_state["state"], key=np_state["state"]["key"].tolist()))
     return {
         "python": [version, list(internal), gauss],
         "numpy": np_state,
-        "torch": _b64(torch.get_rng_state()),
-        "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "torch": _b64(cpu),
+        "cuda": [_b64(s) for s in cuda],
     }
 
 
@@ -127,11 +132,11 @@ def _write_json(path: Path, data) -> None:
 
 
 def save_checkpoint(path, *, model: CharRNN, vocab: Vocab, model_config: ModelConfig, state: dict,
-                    optimizer: torch.optim.Optimizer | None = None) -> Path:
+                    optimizer: torch.optim.Optimizer | None = None, rng: tuple | None = None) -> Path:
     """Write a checkpoint directory atomically; `state` is the caller's JSON-able run state.
 
     state.json gets `state` plus format, model_config, vocab_fingerprint, num_parameters and
-    the current RNG states (so capture happens at save time).
+    the RNG states: those of `rng` (an earlier `rng_snapshot()`), else the current ones.
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -151,7 +156,7 @@ def save_checkpoint(path, *, model: CharRNN, vocab: Vocab, model_config: ModelCo
         "model_config": model_config.model_dump(),
         "vocab_fingerprint": vocab.fingerprint,
         "num_parameters": count_parameters(model),
-        "rng": capture_rng(),
+        "rng": capture_rng(rng),
     })
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)

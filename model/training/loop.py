@@ -26,6 +26,7 @@ Run it directly (Ctrl-C or SIGTERM saves last/ and stops; run again to resume):
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
 import logging
 import math
@@ -34,8 +35,9 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Literal
@@ -45,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator
 
-from model.network.checkpoint import check_compatible, load_checkpoint, read_state, resolve_checkpoint, save_checkpoint
+from model.network.checkpoint import (check_compatible, load_checkpoint, read_state, resolve_checkpoint, rng_snapshot,
+                                     save_checkpoint)
 from model.network.rnn import CharRNN, ModelConfig, build_model
 from model.training.overrides import apply_sets
 from model.training.threads import CoreShare
@@ -205,7 +208,7 @@ class EvaluationStopped(Exception):
 @torch.no_grad()
 def evaluate(model: CharRNN, windows: np.ndarray, *, batch_size: int, device: torch.device,
              amp: torch.dtype | None = None, overlap: np.ndarray | None = None,
-             should_stop: Callable[[], bool] | None = None) -> float:
+             should_stop: Callable[[], bool] | None = None, computing: Callable = nullcontext) -> float:
     """Mean loss in nats/char over every scored target.
 
     windows (N, T + 1); overlap (N,) skips each window's leading targets that an earlier
@@ -220,12 +223,13 @@ def evaluate(model: CharRNN, windows: np.ndarray, *, batch_size: int, device: to
             model.train(was_training)
             raise EvaluationStopped
         batch = torch.from_numpy(windows[i:i + batch_size].astype(np.int64)).to(device)  # (B, T + 1)
-        if overlap is None:
-            total += batch_loss(model, batch, amp, reduction="sum")
-            continue
-        skip = torch.from_numpy(overlap[i:i + batch_size].astype(np.int64)).to(device)  # (B,)
-        losses = batch_loss(model, batch, amp, reduction="none").view(len(batch), -1)  # (B, T)
-        total += losses.masked_fill(positions[None, :] < skip[:, None], 0.0).sum(dtype=torch.float64)
+        with computing():
+            if overlap is None:
+                total += batch_loss(model, batch, amp, reduction="sum")
+                continue
+            skip = torch.from_numpy(overlap[i:i + batch_size].astype(np.int64)).to(device)  # (B,)
+            losses = batch_loss(model, batch, amp, reduction="none").view(len(batch), -1)  # (B, T)
+            total += losses.masked_fill(positions[None, :] < skip[:, None], 0.0).sum(dtype=torch.float64)
     model.train(was_training)
     return total.item() / scored_chars(windows, overlap)
 
@@ -322,6 +326,26 @@ class RunState:
         )
 
 
+class _Abandoned(Exception):
+    """Raised in the training thread when the watching thread already saved last/ and stopped the run."""
+
+
+@dataclass
+class Boundary:
+    """Lets the thread that watches for a stop save last/ while the training thread is inside a slow computation.
+
+    The training thread holds `lock` always except inside `computing()`: forward and backward
+    passes and validation batches, which change neither the weights, the optimizer nor the run
+    state. So whoever holds the lock sees a step boundary; `rng` holds the RNG states of
+    that boundary (the computation draws dropout masks).
+    """
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    rng: tuple | None = None  # rng_snapshot() at the start of the computation in progress
+    kind: str = "step"  # what is being computed: "step" or "validation"
+    abandoned: bool = False  # last/ was saved from the boundary; the training thread must not touch anything again
+
+
 @dataclass
 class Session:
     """Everything one call of train() works with: the configs, the data, the live objects and the run state."""
@@ -347,6 +371,7 @@ class Session:
     logged_seconds: float = 0.0
     stop: bool = False
     cores: CoreShare | None = None  # keeps torch's thread count at this run's share of the machine
+    boundary: Boundary | None = None  # set when a stop may come from another thread (see run_stoppable)
 
     @property
     def metrics_path(self) -> Path:
@@ -423,11 +448,29 @@ def resume(s: Session, checkpoint: Path) -> None:
         log.warning("resuming with a changed train config (%s); the run is no longer an exact continuation", ", ".join(changed))
 
 
+@contextmanager
+def computing(s: Session, kind: str):
+    """Mark a computation that changes no state: the watching thread may save last/ from the step boundary meanwhile."""
+    b = s.boundary
+    if b is None:
+        yield
+        return
+    b.rng, b.kind = rng_snapshot(), kind
+    b.lock.release()
+    try:
+        yield
+    finally:
+        b.lock.acquire()
+        if b.abandoned:
+            raise _Abandoned
+
+
 def train_step(s: Session, batch: torch.Tensor) -> None:
     """One optimizer step on batch (B, T + 1); its loss stays on the device until the next flush."""
-    loss = batch_loss(s.model, batch, s.amp)
-    s.optimizer.zero_grad(set_to_none=True)
-    s.scaler.scale(loss).backward()
+    with computing(s, "step"):
+        loss = batch_loss(s.model, batch, s.amp)
+        s.optimizer.zero_grad(set_to_none=True)
+        s.scaler.scale(loss).backward()
     s.scaler.unscale_(s.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.grad_clip)
     s.scaler.step(s.optimizer)
@@ -462,13 +505,13 @@ def emit(s: Session, kind: str, entry: dict, callback) -> None:
         callback(entry)
 
 
-def save(s: Session, kind: str) -> None:
-    """Write last/ or best/ (atomically); its time is not training time."""
+def save(s: Session, kind: str, rng: tuple | None = None) -> None:
+    """Write last/ or best/ (atomically); its time is not training time. `rng`: the RNG states to record, if not now's."""
     with s.clock.paused():
         s.run.metrics.train_seconds = s.clock.seconds()
         s.run.grad_scaler = s.scaler.state_dict() if s.scaler.is_enabled() else None
         path = save_checkpoint(s.out_dir / kind, model=s.model, vocab=s.vocab, model_config=s.model_config,
-                               state=s.run.to_json(), optimizer=s.optimizer)
+                               state=s.run.to_json(), optimizer=s.optimizer, rng=rng)
     if s.callbacks.on_checkpoint is not None:
         s.callbacks.on_checkpoint(kind, path)
 
@@ -492,7 +535,8 @@ def validate(s: Session) -> dict:
     try:
         with s.clock.paused():
             loss = evaluate(s.model, s.val_w, batch_size=4 * s.cfg.batch_size, device=s.device, amp=s.amp,
-                            overlap=s.val_overlap, should_stop=s.callbacks.should_stop)
+                            overlap=s.val_overlap, should_stop=s.callbacks.should_stop,
+                            computing=lambda: computing(s, "validation"))
     except EvaluationStopped:
         s.run.validation_pending = True
         save(s, "last")
@@ -573,25 +617,93 @@ def end_epoch(s: Session) -> None:
         save(s, "last")
 
 
+STOP_GRACE_S = 1.0  # how long a stop waits for the step in progress before last/ is saved from the step's start
+
+
 def train(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, out_dir, vocab: Vocab,
-          init_from=None, callbacks: TrainCallbacks | None = None) -> TrainResult:
-    """Train (or resume, or return the finished run in `out_dir`); see the module docstring."""
+          init_from=None, callbacks: TrainCallbacks | None = None, stop_grace_s: float = STOP_GRACE_S) -> TrainResult:
+    """Train (or resume, or return the finished run in `out_dir`); see the module docstring.
+
+    With a `should_stop` callback the training runs in a thread of its own (see `run_stoppable`),
+    so a stop is honoured within about `stop_grace_s` seconds even when one step takes minutes.
+    """
     out_dir = Path(out_dir)
     if (done := finished_run(out_dir, vocab, model_config)) is not None:
         return done
-    with CoreShare(train_config.num_threads) as cores:
-        s = start(model_config=model_config, cfg=train_config, shards_dir=shards_dir, out_dir=out_dir, vocab=vocab,
-                  init_from=init_from, callbacks=callbacks or TrainCallbacks())
-        s.cores = cores
-        if s.run.validation_pending and s.run.batch_in_epoch < s.n_batches:  # (at an epoch's end, end_epoch validates)
-            validate(s)
-        s.stop = out_of_steps(s) or s.run.stopped_early
-        while not s.stop and s.run.epoch < s.cfg.epochs:
-            run_epoch(s)
-        flush(s)
-        s.run.done = True
-        save(s, "last")
-    return s.run.result(s.resumed_from)
+    callbacks = callbacks or TrainCallbacks()
+    sessions: list[Session] = []
+
+    def body(boundary: Boundary | None) -> TrainResult:
+        with CoreShare(train_config.num_threads) as cores:  # in the thread that trains: torch's thread count is per thread
+            s = start(model_config=model_config, cfg=train_config, shards_dir=shards_dir, out_dir=out_dir, vocab=vocab,
+                      init_from=init_from, callbacks=callbacks)
+            s.cores, s.boundary = cores, boundary
+            sessions.append(s)
+            if s.run.validation_pending and s.run.batch_in_epoch < s.n_batches:  # (at an epoch's end, end_epoch validates)
+                validate(s)
+            s.stop = out_of_steps(s) or s.run.stopped_early
+            while not s.stop and s.run.epoch < s.cfg.epochs:
+                run_epoch(s)
+            flush(s)
+            s.run.done = True
+            save(s, "last")
+        return s.run.result(s.resumed_from)
+
+    if callbacks.should_stop is None:
+        return body(None)
+    return run_stoppable(body, callbacks.should_stop, sessions, stop_grace_s)
+
+
+def run_stoppable(body: Callable[[Boundary], TrainResult], should_stop: Callable[[], bool], sessions: list[Session],
+                  grace_s: float) -> TrainResult:
+    """Run `body` in a training thread; this thread watches `should_stop` (set by a signal handler, which runs here).
+
+    A stop is first left to the training thread, which saves last/ at its next step boundary.
+    If that takes longer than `grace_s` (a step of a large model on a CPU takes tens of
+    seconds), this thread takes the boundary lock while the training thread computes, saves
+    last/ from the state at the start of that step, and raises TrainingStopped; the training
+    thread, a daemon, gives up at its next boundary without writing anything. Either way the
+    saved run resumes exactly.
+    """
+    boundary = Boundary()
+    boundary.lock.acquire()  # held by the training thread from its first instruction
+    outcome: dict = {}
+
+    def work() -> None:
+        try:
+            outcome["result"] = body(boundary)
+        except _Abandoned:
+            pass
+        except BaseException as exc:  # handed to the watching thread, which raises it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(work,), name="homer-training", daemon=True)
+    thread.start()
+    stop_seen: float | None = None
+    while thread.is_alive():
+        thread.join(0.05)
+        if stop_seen is None and should_stop():
+            stop_seen = time.monotonic()
+        if stop_seen is None or time.monotonic() - stop_seen < grace_s or not thread.is_alive():
+            continue
+        if not boundary.lock.acquire(timeout=0.05):  # the training thread is between computations: it will see the stop
+            continue
+        try:
+            if not thread.is_alive() or not sessions:
+                continue
+            s = sessions[-1]
+            boundary.abandoned = True
+            if boundary.kind == "validation":
+                s.run.validation_pending = True
+            flush(s)
+            save(s, "last", rng=boundary.rng)
+        finally:
+            boundary.lock.release()
+        log.info("stopped inside a %s: last/ holds step %d, from before it", boundary.kind, s.run.step)
+        raise TrainingStopped(s.run.step, s.out_dir / "last")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _parse_overrides(items: list[str]) -> dict[str, dict]:

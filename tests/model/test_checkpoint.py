@@ -97,7 +97,7 @@ def test_crash_between_renames_leaves_previous_checkpoint_loadable(tmp_path, set
 def test_crash_while_writing_keeps_old_checkpoint(tmp_path, setup, monkeypatch):
     model, opt, vocab, cfg = setup
     _save(tmp_path / "last", model, opt, vocab, cfg, step=1)
-    monkeypatch.setattr(ckpt, "capture_rng", lambda: 1 / 0)  # dies before state.json is complete
+    monkeypatch.setattr(ckpt, "capture_rng", lambda *_: 1 / 0)  # dies before state.json is complete
     with pytest.raises(ZeroDivisionError):
         _save(tmp_path / "last", model, opt, vocab, cfg, step=2)
     assert read_state(tmp_path / "last")["step"] == 1

@@ -273,3 +273,36 @@ def test_auto_precision_is_fp32_on_every_device():
     assert resolve_precision("auto", torch.device("cuda")) is None
     assert resolve_precision("bf16", torch.device("cuda")) is torch.bfloat16
     assert resolve_precision("fp16", torch.device("cuda")) is torch.float16
+
+
+@pytest.mark.parametrize("eval_every_steps", [0, 3], ids=["inside-a-step", "inside-a-validation"])
+def test_a_stop_inside_a_slow_computation_saves_the_boundary_before_it_and_resumes_exactly(
+        tmp_path, corpus, tiny_model_config, write_shards, caplog, eval_every_steps):
+    """A cancel must not wait for a step of a large model (tens of seconds on a CPU): the watching thread saves
+    last/ from the state at the start of the computation in progress, and the resume is bit-identical."""
+    import threading
+
+    shards = write_shards(tmp_path / "long", corpus.vocab, corpus.text * 40, corpus.text * 20, rows_per_shard=100)
+    cfg = _cfg(epochs=12, checkpoint_every_steps=50, eval_every_steps=eval_every_steps, max_val_windows=None, num_threads=1)
+    args = dict(model_config=tiny_model_config, train_config=cfg, shards_dir=shards, vocab=corpus.vocab)
+    train(**args, out_dir=tmp_path / "straight")
+    at = {"step": 0}
+    # Only the watching thread sees this stop, so the training thread never stops at a boundary by itself:
+    # the run can end only by the watching thread saving from inside a computation.
+    only_the_watcher_sees_it = TrainCallbacks(
+        on_step=lambda step, _epoch: at.update(step=step),
+        should_stop=lambda: threading.current_thread() is threading.main_thread() and at["step"] >= 20)
+    with caplog.at_level("INFO", logger="model.training.loop"), pytest.raises(TrainingStopped) as stopped:
+        train(**args, out_dir=tmp_path / "resumed", callbacks=only_the_watcher_sees_it, stop_grace_s=0.0)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopped inside a")]
+    assert len(said) == 1, said
+    state = read_state(tmp_path / "resumed" / "last")
+    assert state["step"] == stopped.value.step >= 20 and not state["done"]
+    assert state["validation_pending"] == ("validation" in said[0])
+    time.sleep(0.5)  # the abandoned training thread must write nothing after the save
+    assert read_state(tmp_path / "resumed" / "last")["step"] == stopped.value.step
+    result = train(**args, out_dir=tmp_path / "resumed")
+    assert result.resumed_from_step == stopped.value.step
+    _assert_same_weights(tmp_path / "straight" / "last", tmp_path / "resumed" / "last")
+    _assert_same_weights(tmp_path / "straight" / "best", tmp_path / "resumed" / "best")
+    assert _metric_lines(tmp_path / "straight") == _metric_lines(tmp_path / "resumed")
