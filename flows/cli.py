@@ -23,7 +23,7 @@ import yaml
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from flows.config import ConfigError, GenerateConfig, PipelineConfig, load_config
-from model.store.outputs import StageRef, data_root, read_manifest
+from model.store.outputs import StageRef, data_root, read_manifest, root_name
 from tasks.stages import STAGES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Teach a character-level RNN to talk like Homer Simpson.")
@@ -31,7 +31,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Teach a char
 ProfileOpt = typer.Option("default", "--profile", "-p", help="default (the published recipe, for a GPU), cpu (a few MB, about 30 min on a laptop CPU) or sample (bundled data, small model)")
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file with config overrides")
 SetOpt = typer.Option(None, "--set", "-s", help="override one field: dotted.key=value (repeatable)")
-DataDirOpt = typer.Option(None, "--data-dir", help="artifact root (default: $HOMER_DATA_DIR or ./data)")
+DataDirOpt = typer.Option(None, "--data-dir", help="artifact root: a path, or s3://, gs://, az:// (default: $HOMER_DATA_DIR or ./data)")
 
 
 def _config(profile: str, config: Optional[Path], sets: Optional[List[str]]) -> PipelineConfig:
@@ -69,7 +69,7 @@ def summarise(refs: dict[str, StageRef], seconds: float) -> str:
         for key, value in keys.items():
             if key not in ("vocab_fingerprint",):
                 lines.append(f"    {key}: {value:.4f}" if isinstance(value, float) else f"    {key}: {value}")
-    lines.append(f"done in {seconds:.1f}s; artifact root {data_root()}")
+    lines.append(f"done in {seconds:.1f}s; artifact root {root_name(data_root())}")
     return "\n".join(lines)
 
 
@@ -146,19 +146,20 @@ def _run(fn, refs_of, *args, **kwargs):
     return result
 
 
-def _apply_data_dir(data_dir: Optional[Path]) -> None:
+def _apply_data_dir(data_dir: Optional[str]) -> None:
+    """--data-dir: a path (made absolute: flow runs may work elsewhere) or a store's URL, as it is."""
     if data_dir:
-        os.environ["HOMER_DATA_DIR"] = str(Path(data_dir).absolute())
+        os.environ["HOMER_DATA_DIR"] = data_dir if "://" in data_dir else str(Path(data_dir).absolute())
 
 
 @app.command()
-def run(profile: str = ProfileOpt, config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, data_dir: Optional[Path] = DataDirOpt) -> None:
+def run(profile: str = ProfileOpt, config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, data_dir: Optional[str] = DataDirOpt) -> None:
     """Run the whole pipeline."""
     from flows.pipeline import homer_pipeline
 
     cfg = _config(profile, config, set_)
     _apply_data_dir(data_dir)
-    refs = _run(homer_pipeline, lambda refs: refs, cfg, str(data_root()))
+    refs = _run(homer_pipeline, lambda refs: refs, cfg, root_name(data_root()))
     samples = json.loads((refs["report"].dir / "samples.json").read_text(encoding="utf-8"))
     typer.echo(f"\ngenerated lines (prompt {cfg.report.prompt!r}):")
     for temperature, texts in samples.items():
@@ -191,7 +192,7 @@ def stage(
                                           "the config of the stage's latest output"),
     config: Optional[Path] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
-    data_dir: Optional[Path] = DataDirOpt,
+    data_dir: Optional[str] = DataDirOpt,
     input_: Optional[List[str]] = typer.Option(None, "--input", "-i", help="upstream output: stage=FINGERPRINT|PATH (default: that stage's latest)"),
 ) -> None:
     """Run one stage on the latest outputs of the stages before it."""
@@ -211,7 +212,7 @@ def stage(
     except Exception as exc:
         fail(exc)
     typer.echo(f"{name}: starting from {origin}")
-    ref = _run(spec.load_flow(), lambda ref: {name: ref}, getattr(cfg, spec.section), **given, data_dir=str(data_root()),
+    ref = _run(spec.load_flow(), lambda ref: {name: ref}, getattr(cfg, spec.section), **given, data_dir=root_name(data_root()),
                start_from=start_from)
     if name == "report":
         typer.echo("\n" + (ref.dir / "report.md").read_text(encoding="utf-8"))
@@ -255,7 +256,7 @@ def options_from(model_cls, short: dict[str, str] | None = None):
 @options_from(GenerateConfig, short={"num_samples": "-n"})
 def generate(
     settings: dict,
-    data_dir: Optional[Path] = DataDirOpt,
+    data_dir: Optional[str] = DataDirOpt,
     as_json: bool = typer.Option(False, "--json", help="print the samples as a JSON list"),
 ) -> None:
     """Generate text from a checkpoint (no Prefect server needed)."""
@@ -285,7 +286,7 @@ def generate(
 @app.command()
 def verify(
     stages: Optional[List[str]] = typer.Argument(None, help=f"stages to check (default: all): {', '.join(STAGES)}", show_default=False),
-    data_dir: Optional[Path] = DataDirOpt,
+    data_dir: Optional[str] = DataDirOpt,
     sizes_only: bool = typer.Option(False, "--sizes-only", help="check each listed file's size only, not its checksum"),
 ) -> None:
     """Check every output of the stages against its manifest (sizes and checksums); exit 1 if one is damaged."""

@@ -224,11 +224,11 @@ def stage_config(root, stage: str, config: BaseModel, start_from: StartFrom = "l
     the config of the stage's latest output and changes only the fields given; "config" (the
     pipeline, an explicit --profile) uses `config` as it is.
     """
-    from model.store.outputs import LATEST, latest
+    from model.store.outputs import has_latest, latest
 
     if start_from == "config":
         return config, "the given config"
-    if not (Path(root) / stage / LATEST).exists():
+    if not has_latest(Path(root), stage):
         return config, "the given config (no earlier output to start from)"
     ref = latest(root, stage, intact=False)  # its config is enough; a damaged output is rebuilt by the run itself
     base = ref.manifest()["config"]

@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from flows.config import FinetuneConfig, StartFrom, stage_config
 from flows.naming import run_namer
 from model.network.checkpoint import resolve_model
-from model.store.outputs import StageRef, data_root, resolve
+from model.store.outputs import StageRef, data_root, root_name, resolve
 from tasks.train import finetune_task, run_training
 
 
@@ -45,4 +45,4 @@ def finetune(config: FinetuneConfig = FinetuneConfig(), prepare: StageRef | str 
     if prepare in (None, "") and start.stage == "pretrain":
         prepare = start.manifest()["inputs"]["prepare"]["fingerprint"]  # the data the model was pretrained on
     inputs = {"prepare": resolve(root, "prepare", prepare), "init": start}
-    return run_training(finetune_task, "finetune", config, inputs, str(root))
+    return run_training(finetune_task, "finetune", config, inputs, root_name(root))

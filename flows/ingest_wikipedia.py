@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 from flows.config import StartFrom, stage_config
 from flows.naming import run_namer
 from model.data.sources import WikipediaConfig
-from model.store.outputs import StageRef, data_root
+from model.store.outputs import StageRef, data_root, root_name
 from tasks.common import flatten, publish_counts, run_stage_task
 from tasks.data import ingest_wikipedia_task
 
@@ -28,6 +28,6 @@ def ingest_wikipedia(config: WikipediaConfig = WikipediaConfig(), data_dir: str 
     """
     config, origin = stage_config(data_root(data_dir), "ingest-wikipedia", config, start_from)
     get_run_logger().info("config: started from %s", origin)
-    ref = run_stage_task(ingest_wikipedia_task, "ingest-wikipedia", config, None, str(data_root(data_dir)))
+    ref = run_stage_task(ingest_wikipedia_task, "ingest-wikipedia", config, None, root_name(data_root(data_dir)))
     publish_counts("ingest-wikipedia", ref, flatten(ref.manifest()["counts"]), "articles read, kept and dropped")
     return ref

@@ -24,7 +24,7 @@ from prefect.states import Cancelled
 
 from flows.config import PipelineConfig
 from flows.naming import run_namer
-from model.store.outputs import StageRef, check_writable, data_root
+from model.store.outputs import StageRef, check_writable, data_root, root_name
 from tasks.artifacts import pipeline_summary_markdown
 from tasks.common import artifact_key
 from tasks.stages import STAGES
@@ -48,7 +48,7 @@ def homer_pipeline(config: PipelineConfig = PipelineConfig(), data_dir: str | No
     started = time.time()
     sources = [stage for stage in STAGES.values() if not stage.inputs]
     with ThreadPoolExecutor(max_workers=len(sources)) as pool:  # the ingests at the same time
-        running = {s.name: _in_thread(pool, s.load_flow(), getattr(config, s.section), str(root), "config") for s in sources}
+        running = {s.name: _in_thread(pool, s.load_flow(), getattr(config, s.section), root_name(root), "config") for s in sources}
         refs = {name: future.result() for name, future in running.items()}
     unused = {"pretrain"} if config.finetune.init_from else set()  # fine-tuning starts from init_from instead
     for stage in STAGES.values():
@@ -57,7 +57,7 @@ def homer_pipeline(config: PipelineConfig = PipelineConfig(), data_dir: str | No
             # (finetune.init_from) or from the output it belongs with (the report reads the finetune manifest).
             inputs = {param: refs.get(upstream) for param, upstream in stage.inputs.items()}
             try:
-                refs[stage.name] = stage.load_flow()(getattr(config, stage.section), **inputs, data_dir=str(root),
+                refs[stage.name] = stage.load_flow()(getattr(config, stage.section), **inputs, data_dir=root_name(root),
                                                      start_from="config")
             except CancelledRun as exc:  # a stage was interrupted on request: so is the pipeline
                 return Cancelled(message=str(exc))

@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 from flows.config import StartFrom, stage_config
 from flows.naming import run_namer
 from model.data.prepare import PrepareConfig
-from model.store.outputs import StageRef, data_root, resolve
+from model.store.outputs import StageRef, data_root, root_name, resolve
 from tasks.common import flatten, publish_counts, run_stage_task
 from tasks.data import prepare_task
 
@@ -39,7 +39,7 @@ def prepare(
     config, origin = stage_config(root, "prepare", config, start_from)
     get_run_logger().info("config: started from %s", origin)
     inputs = {"wikipedia": resolve(root, "ingest-wikipedia", wikipedia), "simpsons": resolve(root, "ingest-simpsons", simpsons)}
-    ref = run_stage_task(prepare_task, "prepare", config, inputs, str(root))
+    ref = run_stage_task(prepare_task, "prepare", config, inputs, root_name(root))
     counts = ref.manifest()["counts"]
     publish_counts("prepare", ref, flatten(counts), "vocabulary size, out-of-vocabulary rates, documents and windows per split")
     return ref

@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 
 from flows.config import PretrainConfig, StartFrom, stage_config
 from flows.naming import run_namer
-from model.store.outputs import StageRef, data_root, resolve
+from model.store.outputs import StageRef, data_root, root_name, resolve
 from tasks.train import pretrain_task, run_training
 
 
@@ -33,4 +33,4 @@ def pretrain(config: PretrainConfig = PretrainConfig(), prepare: StageRef | str 
     config, origin = stage_config(root, "pretrain", config, start_from)
     get_run_logger().info("config: started from %s", origin)
     inputs = {"prepare": resolve(root, "prepare", prepare)}
-    return run_training(pretrain_task, "pretrain", config, inputs, str(root))
+    return run_training(pretrain_task, "pretrain", config, inputs, root_name(root))

@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.config import ReportConfig, StartFrom, stage_config
 from flows.naming import run_namer
-from model.store.outputs import StageRef, StoreError, data_root, read_manifest, resolve
+from model.store.outputs import StageRef, StoreError, data_root, root_name, read_manifest, resolve
 from tasks.artifacts import png_markdown
 from tasks.common import artifact_key, run_stage_task
 from tasks.train import report_task
@@ -64,7 +64,7 @@ def report(config: ReportConfig = ReportConfig(), prepare: StageRef | str | None
     config, origin = stage_config(root, "report", config, start_from)
     get_run_logger().info("config: started from %s", origin)
     inputs = belonging_inputs(root, resolve(root, "finetune", finetune), prepare, pretrain)
-    ref = run_stage_task(report_task, "report", config, inputs, str(root))
+    ref = run_stage_task(report_task, "report", config, inputs, root_name(root))
     # The UI cannot show a relative image (nor a file:// one): the artifacts carry the PNG itself.
     image = png_markdown(ref.dir / "loss.png", "loss curves")
     markdown = (ref.dir / "report.md").read_text(encoding="utf-8").replace("![loss curves](loss.png)", image)

@@ -17,8 +17,8 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from model.data.sources import source_stamp
-from model.store.outputs import (MANIFEST, StageRef, data_root, fingerprint, inspect_output, is_complete, output_dir, set_aside,
-                                 set_latest, verify_output)
+from model.store.outputs import (MANIFEST, StageRef, data_root, fingerprint, inspect_output, output_complete, output_dir,
+                                 ref_for, remote_of, root_name, set_aside, set_latest, verify_output)
 from tasks.artifacts import location_markdown
 from tasks.stages import STAGES
 
@@ -46,6 +46,16 @@ def complete_ref(root: Path, stage: str, fp: str) -> StageRef | None:
     A damaged output (its manifest does not parse, or a file it lists is missing or of
     another size) is moved aside to `<fp>.damaged-<time>` so the stage rebuilds it.
     """
+    remote = remote_of(root)
+    if remote is not None:
+        from model.store.remote import inspect_remote_output, set_aside_remote
+
+        state, problems = inspect_remote_output(remote, stage, fp)
+        if state == "complete":
+            return ref_for(root, stage, fp)
+        if state == "damaged" and (moved := set_aside_remote(remote, stage, fp)) is not None:
+            _logger().warning("%s: the %s output is damaged; set its manifest aside to %s and rebuilding it", problems[0], stage, moved)
+        return None
     out = output_dir(root, stage, fp)
     state, problems = inspect_output(out, checksums=False)
     if state == "complete":
@@ -68,9 +78,9 @@ def stage_cache_key(stage: str):
     """A cache_key_fn: the stage's output fingerprint (and root), so same inputs hit the cache."""
 
     def key(_context, parameters: dict) -> str:
-        root = data_root(parameters.get("root"))
+        root = root_name(data_root(parameters.get("root")))
         fp = stage_fingerprint(stage, parameters["config"], parameters.get("inputs"))
-        return f"{stage}-{fp}-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
+        return f"{stage}-{fp}-{hashlib.sha256(root.encode()).hexdigest()[:8]}"
 
     return key
 
@@ -82,7 +92,7 @@ def run_stage_task(stage_task, stage: str, config: Any, inputs: dict[str, StageR
     rebuilt instead of being served from a stale cache record.
     """
     fp = stage_fingerprint(stage, config, inputs)
-    complete = is_complete(output_dir(data_root(root), stage, fp))
+    complete = output_complete(data_root(root), stage, fp)
     if not complete:
         verify_inputs(inputs)  # it will read them: checksums, not only sizes
     task = stage_task.with_options(refresh_cache=not complete)
@@ -90,7 +100,7 @@ def run_stage_task(stage_task, stage: str, config: Any, inputs: dict[str, StageR
     if inputs is not None:
         kwargs["inputs"] = inputs
     result = task(**kwargs, **options)
-    if is_complete(output_dir(data_root(root), stage, fp)):
+    if output_complete(data_root(root), stage, fp):
         set_latest(data_root(root), stage, fp)  # a Cached task never ran its body, which sets latest too
     return result
 

@@ -17,7 +17,7 @@ from prefect import get_run_logger, task
 from model.data.prepare import PrepareConfig, corpus_char_counts, group_lines, write_corpus, write_shards
 from model.data.sources import (SimpsonsConfig, SourceError, WikipediaConfig, download_simpsons, read_simpsons_csv, read_wikipedia,
                                 wikipedia_location)
-from model.store.outputs import StageRef, data_root, manifest_for, output_dir, staging, write_manifest
+from model.store.outputs import StageRef, data_root, manifest_for, ref_for, staging, write_manifest
 from model.data.vocab import build_vocab
 from tasks.common import complete_ref, stage_cache_key, stage_fingerprint
 
@@ -55,7 +55,7 @@ def ingest_wikipedia_task(config: WikipediaConfig, root: str | None = None, inpu
                   "skipped_bad_rows": drops["bad_rows"], "dropped_control_chars": drops["control_chars"],
                   "seconds": round(time.monotonic() - started, 2)}
         write_manifest(tmp, manifest_for(stage, fp, config, {}, counts))
-    return StageRef(stage=stage, fingerprint=fp, path=str(output_dir(root, stage, fp)))
+    return ref_for(root, stage, fp)
 
 
 @task(name="ingest-simpsons", cache_key_fn=stage_cache_key("ingest-simpsons"), persist_result=True)
@@ -74,7 +74,7 @@ def ingest_simpsons_task(config: SimpsonsConfig, root: str | None = None, inputs
         manifest = manifest_for(stage, fp, config, {}, counts)
         manifest["source_file"] = str(csv_path)
         write_manifest(tmp, manifest)
-    return StageRef(stage=stage, fingerprint=fp, path=str(output_dir(root, stage, fp)))
+    return ref_for(root, stage, fp)
 
 
 def _articles(ref: StageRef):
@@ -119,4 +119,4 @@ def prepare_task(config: PrepareConfig, inputs: dict[str, StageRef], root: str |
             "seconds": round(time.monotonic() - started, 2),
         }
         write_manifest(tmp, manifest_for(stage, fp, config, inputs, counts))
-    return StageRef(stage=stage, fingerprint=fp, path=str(output_dir(root, stage, fp)))
+    return ref_for(root, stage, fp)

@@ -30,7 +30,8 @@ from model.network.checkpoint import CheckpointError, model_checkpoint, read_sta
 from model.network.rnn import ModelConfig
 from model.training.progress import TerminalProgress
 from model.data.shards import ShardError, list_shards
-from model.store.outputs import StageRef, StoreError, check_writable, data_root, exclusive, manifest_for, output_dir, set_latest, write_manifest
+from model.store.outputs import (StageRef, StoreError, check_writable, data_root, exclusive, manifest_for, output_dir, publish_to_store,
+                                 ref_for, remote_of, set_latest, write_manifest)
 from model.training.loop import NonFiniteLossError, TrainCallbacks, TrainConfig, TrainingStopped, train
 from model.data.vocab import Vocab, VocabularyError
 from tasks.artifacts import location_markdown, png_markdown
@@ -204,6 +205,9 @@ def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: 
         if ref := complete_ref(root, stage, fp):  # another run finished it while we waited for the lock
             return ref
         out.mkdir(parents=True, exist_ok=True)
+        remote = remote_of(root)
+        if remote is not None:  # a run killed on another machine resumes here from the store's last/
+            pull_progress(remote, stage, fp, out)
         if (out / "last").exists():
             log.info("resuming %s from %s", stage, out / "last")
         vocab = Vocab.load(prepare.dir / "vocab.json")
@@ -214,6 +218,8 @@ def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: 
         terminal = TerminalProgress(stage, total_steps, train_config.epochs)  # a live line only when stderr is a terminal
         with _StopFlag() as stop, gpu_slot(train_config.device):
             callbacks, finished = prefect_callbacks(stage, total_steps, stop, history, terminal)
+            if remote is not None:
+                callbacks.on_checkpoint = lambda kind, path: push_progress(remote, stage, fp, out, kind, path)
             log.info("training %s into %s: %d steps planned", stage, out, total_steps)
             try:
                 result = train(model_config=model_config, train_config=train_config, shards_dir=shards, out_dir=out,
@@ -235,8 +241,36 @@ def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: 
         manifest = manifest_for(stage, fp, config, inputs, counts, metrics)
         manifest["history"] = result.history
         write_manifest(out, manifest)
+        publish_to_store(root, stage, fp, out)
         set_latest(root, stage, fp)
-    return StageRef(stage=stage, fingerprint=fp, path=str(out))
+    return ref_for(root, stage, fp)
+
+
+PROGRESS_METRICS = "progress-metrics.jsonl"  # <fp>/ in the store: metrics.jsonl of a training in progress, beside last.json
+
+
+def push_progress(remote, stage: str, fp: str, out: Path, kind: str, checkpoint: Path) -> None:
+    """After a checkpoint is saved: copy it (and, with last/, metrics.jsonl) to the store, so another machine can resume."""
+    from model.network.checkpoint import read_state
+    from model.store.remote import push_checkpoint
+
+    push_checkpoint(remote, stage, fp, kind, checkpoint, read_state(checkpoint)["step"])
+    if kind == "last" and (out / "metrics.jsonl").is_file():
+        remote.fs.put_file(str(out / "metrics.jsonl"), remote.path(stage, fp, PROGRESS_METRICS))
+
+
+def pull_progress(remote, stage: str, fp: str, out: Path) -> None:
+    """Before training: when this machine has no last/ of the output, take the store's (with best/ and metrics.jsonl)."""
+    from model.store.remote import pull_checkpoint
+
+    if resolve_checkpoint(out / "last") is not None:
+        return
+    if pull_checkpoint(remote, stage, fp, "last", out) is None:
+        return
+    pull_checkpoint(remote, stage, fp, "best", out)
+    source = remote.path(stage, fp, PROGRESS_METRICS)
+    if remote.fs.exists(source):
+        remote.fs.get_file(source, str(out / "metrics.jsonl"))
 
 
 def publish_training(stage: str, ref: StageRef, reused: bool) -> None:
@@ -305,7 +339,6 @@ def report_task(config, inputs: dict[str, StageRef], root: str) -> StageRef:
 
     stage, root = "report", data_root(root)
     fp = stage_fingerprint(stage, config, inputs)
-    out = output_dir(root, stage, fp)
     if ref := complete_ref(root, stage, fp):
         return ref
     prepare = inputs["prepare"]
@@ -340,7 +373,7 @@ def report_task(config, inputs: dict[str, StageRef], root: str) -> StageRef:
         manifest = manifest_for(stage, fp, config, inputs, counts, metrics)
         manifest["scores"] = scores
         write_manifest(tmp, manifest)
-    return StageRef(stage=stage, fingerprint=fp, path=str(out))
+    return ref_for(root, stage, fp)
 
 
 def _trained_on(model_ref: StageRef) -> str | None:

@@ -70,3 +70,43 @@ SMALL_CSV = (
 def small_csv(tmp_path) -> Path:
     return write_csv(tmp_path / "simpsons_dataset.csv", SMALL_CSV)
 
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API: moto's server on a free loopback port, a bucket, and AWS_* set to reach it.
+
+    Yields SimpleNamespace(endpoint, bucket, secret). AWS_ENDPOINT_URL, fake credentials and
+    AWS_DEFAULT_REGION stay set (and ~/.aws unread) until the session ends; then the server stops.
+    """
+    import socket
+    import uuid
+    from types import SimpleNamespace
+
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    secret = f"homer-fake-secret-{uuid.uuid4().hex}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            env.delenv(name, raising=False)
+        env.setenv("AWS_ENDPOINT_URL", endpoint)
+        env.setenv("AWS_ACCESS_KEY_ID", "homer-fake-key-id")
+        env.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.setenv("AWS_CONFIG_FILE", str(_SESSION_HOME / "aws-config-none"))
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(_SESSION_HOME / "aws-credentials-none"))
+        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        bucket = "homer-test"
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        try:
+            yield SimpleNamespace(endpoint=endpoint, bucket=bucket, secret=secret)
+        finally:
+            server.stop()

@@ -264,7 +264,7 @@ def choose_model(root, given, stages: tuple[str, ...] = ("finetune", "pretrain")
     """resolve_model's (ref, why): why is 'finetune/latest', 'pretrain fingerprint <fp>', 'the checkpoint directory given', ...."""
     import hashlib
 
-    from model.store.outputs import LATEST, StageRef, StoreError, latest, output_dir, resolve, verify_output
+    from model.store.outputs import LATEST, StageRef, StoreError, has_latest, has_output, latest, resolve, verify_output
 
     def checked(ref):  # loading reads the files anyway: check their checksums first, naming a damaged one
         verify_output(ref.dir, ref.stage, checksums=True)
@@ -275,13 +275,13 @@ def choose_model(root, given, stages: tuple[str, ...] = ("finetune", "pretrain")
         return given, "given"
     if given in (None, "", LATEST):
         for stage in stages:
-            if (root / stage / LATEST).exists():
+            if has_latest(root, stage):
                 return checked(latest(root, stage)), f"{stage}/{LATEST}"
         raise StoreError(f"{label}: no {' or '.join(stages)} output under {root}; train first (homer run) "
                          f"or pass a fingerprint or checkpoint directory")
     given = str(given)
     for stage in stages:
-        if "/" not in given and output_dir(root, stage, given).is_dir():
+        if "/" not in given and has_output(root, stage, given):
             return checked(resolve(root, stage, given)), f"{stage} fingerprint {given}"
     path = Path(given)
     if path.is_dir() and (path / "manifest.json").is_file():

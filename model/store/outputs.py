@@ -56,6 +56,15 @@ class StoreError(RuntimeError):
     """An artifact cannot be found, read or written."""
 
 
+ROOT_MARKER = ".homer-root"  # in the local mirror of a remote root (model.store.remote.cache_dir): the root's URL
+_MIRRORS: dict[str, Any] = {}  # mirror path -> its RemoteRoot (None: a local root)
+
+
+def _is_url(text: str) -> bool:
+    head, sep, _ = text.partition("://")
+    return bool(sep) and head.isalnum()
+
+
 class StageRef(BaseModel):
     """A small, serialisable pointer to one complete stage output."""
 
@@ -65,15 +74,95 @@ class StageRef(BaseModel):
 
     @property
     def dir(self) -> Path:
+        """The output as a local folder: for an output in an object store, its local mirror (downloaded once, verified)."""
+        if _is_url(self.path):
+            return _materialized(self.path)
         return Path(self.path)
 
     def manifest(self) -> dict:
+        if _is_url(self.path):  # read it in the store: no need to download the output for it
+            return _remote_manifest(self.path)
         return read_manifest(self.dir)
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
-    """The artifact root: the argument, else $HOMER_DATA_DIR, else ./data."""
-    return Path(root or os.environ.get("HOMER_DATA_DIR") or "data").absolute()
+    """The local side of the artifact root (the argument, else $HOMER_DATA_DIR, else ./data).
+
+    A path or file:// URL is the root itself. For s3://, gs:// or az:// it is the root's local
+    mirror (`model.store.remote.cache_dir`), marked with the URL: stages work on local files,
+    and `staging`, `set_latest`, `latest`, `resolve` and `StageRef.dir` sync with the store.
+    Pass `root_name(root)`, not the path, to another process or machine.
+    """
+    given = root if root not in (None, "") else (os.environ.get("HOMER_DATA_DIR") or "data")
+    if isinstance(given, Path) or not _is_url(str(given).strip()):
+        return Path(given).expanduser().absolute()
+    from model.store import remote as remote_store
+
+    found = remote_store.parse_root(str(given))
+    if found is None:  # file://
+        return remote_store.local_path(str(given))
+    mirror = remote_store.cache_dir(found)
+    marker = mirror / ROOT_MARKER
+    if not marker.is_file():
+        mirror.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(marker, found.url)
+    _MIRRORS[str(mirror)] = found
+    return mirror
+
+
+def remote_of(root: Path):
+    """The RemoteRoot whose local mirror `root` is; None for a local root."""
+    key = str(root)
+    if key not in _MIRRORS:
+        marker = Path(root) / ROOT_MARKER
+        found = None
+        if marker.is_file():
+            from model.store import remote as remote_store
+
+            found = remote_store.parse_root(json.loads(marker.read_text(encoding="utf-8")))
+        _MIRRORS[key] = found
+    return _MIRRORS[key]
+
+
+def root_name(root: Path) -> str:
+    """The artifact root as another process or machine must be given it: the store's URL, else the path."""
+    remote = remote_of(root)
+    return remote.url if remote is not None else str(root)
+
+
+def ref_for(root: Path, stage: str, fp: str) -> "StageRef":
+    """The ref of the output `<root>/<stage>/<fp>`: a URL in an object store (valid on every machine), else its path."""
+    remote = remote_of(root)
+    if remote is not None:
+        return StageRef(stage=stage, fingerprint=fp, path=f"{remote.url}/{stage}/{fp}")
+    return StageRef(stage=stage, fingerprint=fp, path=str(output_dir(root, stage, fp)))
+
+
+def _split_output_url(url: str) -> tuple[str, str, str]:
+    root, stage, fp = url.rstrip("/").rsplit("/", 2)
+    return root, stage, fp
+
+
+def _remote_manifest(url: str) -> dict:
+    root, stage, fp = _split_output_url(url)
+    remote = remote_of(data_root(root))
+    try:
+        return json.loads(remote.fs.cat_file(remote.path(stage, fp, MANIFEST)))
+    except FileNotFoundError:
+        raise StoreError(f"{url}: no {MANIFEST}; the output is incomplete or was never written") from None
+    except ValueError as exc:
+        raise StoreError(f"{url}/{MANIFEST}: not valid JSON ({exc})") from exc
+
+
+def _materialized(url: str) -> Path:
+    from model.store import remote as remote_store
+
+    root, stage, fp = _split_output_url(url)
+    mirror = data_root(root)
+    local = output_dir(mirror, stage, fp)
+    if is_complete(local):
+        return local
+    return remote_store.materialize(remote_of(mirror), stage, fp, local)
 
 
 def fingerprint_view(model: BaseModel) -> dict:
@@ -351,7 +440,52 @@ def write_manifest(path: Path, manifest: dict) -> None:
     _write_json_atomic(Path(path) / MANIFEST, dict(manifest, checksum=CHECKSUM, files=list_files(path)))
 
 
+def has_latest(root: Path, stage: str) -> bool:
+    """Whether the stage has a `latest` at all (in the store for a remote root); `latest()` then says if it is intact."""
+    remote = remote_of(root)
+    if remote is not None:
+        from model.store import remote as remote_store
+
+        return bool(remote_store._latest_entries(remote, stage))
+    return (Path(root) / stage / LATEST).exists()
+
+
+def has_output(root: Path, stage: str, fp: str) -> bool:
+    """Whether `<root>/<stage>/<fp>` exists in any state (in the store for a remote root)."""
+    remote = remote_of(root)
+    if remote is not None:
+        from model.store import remote as remote_store
+
+        return remote_store.remote_output_state(remote, stage, fp) != "missing"
+    return output_dir(root, stage, fp).is_dir()
+
+
+def output_complete(root: Path, stage: str, fp: str) -> bool:
+    """Whether `<root>/<stage>/<fp>` is complete: in the store for a remote root (the store is the truth), else on disk."""
+    remote = remote_of(root)
+    if remote is not None:
+        from model.store import remote as remote_store
+
+        return remote_store.remote_output_state(remote, stage, fp) == "complete"
+    return is_complete(output_dir(root, stage, fp))
+
+
+def publish_to_store(root: Path, stage: str, fp: str, local_dir: Path) -> None:
+    """For a root in an object store: commit a finished local output there (files, then the manifest, create-only)."""
+    remote = remote_of(root)
+    if remote is not None:
+        from model.store import remote as remote_store
+
+        remote_store.publish_output(remote, stage, fp, local_dir, read_manifest(local_dir))
+
+
 def set_latest(root: Path, stage: str, fp: str) -> None:
+    """Make `fp` the stage's latest: `<root>/<stage>/latest` (and, for a store, its create-only latest log)."""
+    remote = remote_of(root)
+    if remote is not None:
+        from model.store import remote as remote_store
+
+        remote_store.advance_latest(remote, stage, fp)
     stage_dir = Path(root) / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
     tmp = stage_dir / f".{LATEST}.{uuid.uuid4().hex[:8]}.tmp"
@@ -366,6 +500,19 @@ def latest(root: Path, stage: str, intact: bool = True) -> StageRef:
     intact=False only asks for a manifest that parses: enough to read the config a damaged
     output was made with, so that re-running its stage can rebuild it.
     """
+    remote = remote_of(root)
+    if remote is not None:
+        from model.store import remote as remote_store
+
+        fp = remote_store.read_latest(remote, stage)
+        if fp is None:
+            raise StoreError(f"no complete '{stage}' output in {remote.url} (nothing in {remote.url}/{stage}/"
+                             f"{remote_store.LATEST_LOG}/ names one); run `homer stage {stage}` or the whole pipeline "
+                             f"first, or pass the input explicitly")
+        ref = ref_for(root, stage, fp)
+        if not intact:
+            read_manifest(ref.dir)
+        return ref
     path = Path(root) / stage / LATEST
     try:
         fp = path.read_text(encoding="utf-8").strip()
@@ -390,6 +537,10 @@ def resolve(root: Path, stage: str, given: "StageRef | str | None") -> StageRef:
         ref = StageRef.model_validate(given)
     elif given in (None, "", LATEST):
         return latest(root, stage)
+    elif _is_url(str(given)):
+        ref = StageRef(stage=_split_output_url(str(given))[1], fingerprint=_split_output_url(str(given))[2], path=str(given))
+    elif "/" not in str(given) and remote_of(root) is not None:
+        ref = ref_for(root, stage, str(given))
     elif "/" not in str(given) and (candidate := output_dir(root, stage, str(given))).is_dir():
         ref = StageRef(stage=stage, fingerprint=str(given), path=str(candidate))
     elif Path(given).is_dir():
@@ -435,6 +586,7 @@ def staging(root: Path, stage: str, fp: str) -> Iterator[Path]:
         yield tmp
         if not is_complete(tmp):
             raise StoreError(f"stage {stage} wrote no {MANIFEST}; its output is not published")
+        publish_to_store(root, stage, fp, tmp)
         try:
             os.rename(tmp, final)
         except OSError:
