@@ -311,6 +311,26 @@ def verify(
 
 
 @app.command()
+def gc(
+    data_dir: Optional[str] = DataDirOpt,
+    remove: bool = typer.Option(False, "--remove", help="delete what is listed (default: only list it)"),
+    grace_hours: float = typer.Option(1.0, "--grace-hours", help="younger unfinished outputs may be a writer at work: kept"),
+) -> None:
+    """List (or --remove) outputs no one needs: incomplete or damaged ones, leftovers, and those no `latest` reaches."""
+    from model.store.remote import gc as collect
+
+    _apply_data_dir(data_dir)
+    root = root_name(data_root())
+    try:
+        rows = collect(root, remove=remove, grace_s=grace_hours * 3600, stages=list(STAGES))
+    except Exception as exc:
+        fail(exc)
+    for where, reason in rows:
+        typer.echo(f"{'removed' if remove and not reason.startswith('in progress') else 'unneeded':<9} {where}: {reason}")
+    typer.echo(f"{len(rows)} item(s) under {root}" + ("" if remove else "; run `homer gc --remove` to delete them"))
+
+
+@app.command()
 def serve(
     profile: str = ProfileOpt,
     config: Optional[Path] = ConfigOpt,

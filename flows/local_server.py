@@ -14,6 +14,7 @@ the watchdog stops the server's whole process group.
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 from typing import Iterator
@@ -86,6 +87,7 @@ def temporary_server() -> Iterator[str | None]:
     server = OwnSessionServer()
     try:
         server.start()
+        os.environ["HOMER_TEMPORARY_SERVER"] = "1"  # for flow runs in this process: no lease reaper runs here
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield server.api_url
     finally:

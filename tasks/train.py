@@ -163,23 +163,72 @@ def gpu_slot(device: str):
     if not wants_gpu_slot(device):
         yield
         return
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=1))
-            except ObjectAlreadyExists:
-                pass  # another run created it first
+    ensure_limit(GPU_LIMIT)
     get_run_logger().info("taking the '%s' concurrency slot (waits while another training run holds it)", GPU_LIMIT)
     # A short lease: the server frees a killed run's slot within about a minute, not five.
     with concurrency(GPU_LIMIT, occupy=1, lease_duration=GPU_LEASE_S):
         yield
+
+
+def ensure_limit(name: str, limit: int = 1) -> None:
+    """Create the global concurrency limit `name` unless it exists (Prefect 3 needs limits created before use)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+            except ObjectAlreadyExists:
+                pass  # another run created it first
+
+
+def output_lease_wanted(root: Path) -> bool:
+    """Whether writing an output takes a Prefect lease as well as the host lock: HOMER_OUTPUT_LOCK=auto|prefect|host.
+
+    auto (the default) takes it when the root is in an object store (so other machines can
+    write the same output) and a server other than homer's temporary one is present. A
+    server without its lease reaper (a test harness, the temporary server) never frees a
+    killed run's lease, so `host` is the setting there.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    mode = os.environ.get("HOMER_OUTPUT_LOCK", "auto").lower()
+    if mode not in ("auto", "prefect", "host"):
+        raise ValueError(f"HOMER_OUTPUT_LOCK={mode!r}: expected auto, prefect or host")
+    if mode != "auto":
+        return mode == "prefect"
+    return (remote_of(root) is not None and bool(PREFECT_API_URL.value())
+            and not os.environ.get("HOMER_TEMPORARY_SERVER"))
+
+
+@contextlib.contextmanager
+def output_lock(root: Path, stage: str, fp: str):
+    """Only one writer of `<root>/<stage>/<fp>` at a time: the host lock, and across machines a Prefect lease.
+
+    The lease is one slot of the global concurrency limit `homer-output-<stage>-<fp>`; a
+    killed holder's slot comes free when its lease ends (OUTPUT_LEASE_S) on a server that
+    runs its lease reaper (`prefect server start`).
+    """
+    with exclusive(root, stage, fp):
+        if not output_lease_wanted(root):
+            yield
+            return
+        from prefect.concurrency.sync import concurrency
+
+        name = f"homer-output-{stage}-{fp}"
+        ensure_limit(name)
+        get_run_logger().info("taking the lease '%s' (waits while another machine writes this output)", name)
+        with concurrency(name, occupy=1, lease_duration=OUTPUT_LEASE_S, strict=True):
+            yield
+
+
+OUTPUT_LEASE_S = 60
 
 
 def plan_steps(shards_dir: Path, cfg: TrainConfig) -> int:
@@ -201,7 +250,7 @@ def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: 
     check_writable(root)
     log = get_run_logger()
     shards = prepare.dir / "shards" / corpus
-    with exclusive(root, stage, fp):
+    with output_lock(root, stage, fp):
         if ref := complete_ref(root, stage, fp):  # another run finished it while we waited for the lock
             return ref
         out.mkdir(parents=True, exist_ok=True)
@@ -221,9 +270,12 @@ def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: 
             if remote is not None:
                 callbacks.on_checkpoint = lambda kind, path: push_progress(remote, stage, fp, out, kind, path)
             log.info("training %s into %s: %d steps planned", stage, out, total_steps)
+            run = train  # in this process
+            if train_config.world_size > 1:  # torchrun's processes (DDP); rank 0 commits; a retry of this task resumes
+                from model.training.distributed import launch as run
             try:
-                result = train(model_config=model_config, train_config=train_config, shards_dir=shards, out_dir=out,
-                               vocab=vocab, init_from=init_from, callbacks=callbacks)
+                result = run(model_config=model_config, train_config=train_config, shards_dir=shards, out_dir=out,
+                             vocab=vocab, init_from=init_from, callbacks=callbacks)
             except TrainingStopped as exc:  # asked for (Ctrl-C, SIGTERM, a cancel from the UI): not a failure
                 log.info("%s; last/ holds step %d", exc, exc.step)
                 return Cancelled(message=f"interrupted at step {exc.step}")
@@ -236,13 +288,15 @@ def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: 
         metrics = {"best_val_loss": result.best_val_loss, "best_val_bpc": result.best_val_bpc,
                    "last_val_loss": result.last_val_loss, "train_chars_per_s": round(result.train_chars_per_s, 1)}
         counts = {"steps": result.steps, "epochs": result.epochs, "stopped_early": result.stopped_early,
-                  "resumed_from_step": result.resumed_from_step,
+                  "resumed_from_step": result.resumed_from_step, "world_size": train_config.world_size,
                   "num_parameters": read_state(out / "best")["num_parameters"], "seconds": round(time.monotonic() - started, 2)}
         manifest = manifest_for(stage, fp, config, inputs, counts, metrics)
         manifest["history"] = result.history
         write_manifest(out, manifest)
         publish_to_store(root, stage, fp, out)
         set_latest(root, stage, fp)
+        if remote is not None:
+            forget_progress(remote, stage, fp)
     return ref_for(root, stage, fp)
 
 
@@ -257,6 +311,17 @@ def push_progress(remote, stage: str, fp: str, out: Path, kind: str, checkpoint:
     push_checkpoint(remote, stage, fp, kind, checkpoint, read_state(checkpoint)["step"])
     if kind == "last" and (out / "metrics.jsonl").is_file():
         remote.fs.put_file(str(out / "metrics.jsonl"), remote.path(stage, fp, PROGRESS_METRICS))
+
+
+def forget_progress(remote, stage: str, fp: str) -> None:
+    """Once the output is committed: delete the checkpoints of the training in progress from the store (best effort)."""
+    for name in ("last.json", "best.json", PROGRESS_METRICS, "last.d", "best.d"):
+        path = remote.path(stage, fp, name)
+        try:
+            if remote.fs.exists(path):
+                remote.fs.rm(path, recursive=name.endswith(".d"))
+        except OSError as exc:  # `homer gc` removes what is left
+            get_run_logger().warning("could not delete %s (%s); `homer gc --remove` will", remote.url_of(path), type(exc).__name__)
 
 
 def pull_progress(remote, stage: str, fp: str, out: Path) -> None:

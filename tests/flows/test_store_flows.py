@@ -70,6 +70,7 @@ def test_the_sample_pipeline_runs_in_a_bucket_and_another_machine_samples_from_i
     again = homer_pipeline(cfg, return_state=True)
     assert again.result() == refs
     assert set(task_states(again.state_details.flow_run_id).values()) == {"Cached"}
+    assert_secret_nowhere(s3_server, bucket_root, tmp_path / "cache", [state.state_details.flow_run_id, again.state_details.flow_run_id])
 
     # Another machine: an empty working directory and cache, only the root's URL.
     other = tmp_path / "other"
@@ -82,6 +83,31 @@ def test_the_sample_pipeline_runs_in_a_bucket_and_another_machine_samples_from_i
     assert refs["finetune"].fingerprint in done.stdout + done.stderr  # it says which output it used
     assert [p.name for p in other.iterdir()] == ["cache"]
     assert s3_server.secret not in done.stdout + done.stderr
+
+
+def assert_secret_nowhere(s3_server, root: str, cache: Path, flow_run_ids: list) -> None:
+    """The bucket's secret key is in no object of the root, no file of the cache, no log line and no run parameter."""
+    import boto3
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId, LogFilter, LogFilterFlowRunId
+
+    secret = s3_server.secret.encode()
+    client = boto3.client("s3")
+    prefix = root.split("/", 3)[3] + "/"
+    for key in bucket_keys(s3_server, root):
+        body = client.get_object(Bucket=s3_server.bucket, Key=prefix + key)["Body"].read()
+        assert secret not in body, f"the secret is in s3 object {key}"
+    for file in cache.rglob("*"):
+        if file.is_file():
+            assert secret not in file.read_bytes(), f"the secret is in {file}"
+    with get_client(sync_client=True) as prefect:
+        children = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=flow_run_ids)))
+        runs = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids))) + children
+        logs = prefect.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs])))
+    assert len(runs) >= 2 * 6 and logs, "expected the pipeline runs, their subflows and their logs"
+    for run in runs:
+        assert s3_server.secret not in json.dumps(run.parameters, default=str), f"the secret is in run {run.name}'s parameters"
+    assert not [line.message for line in logs if s3_server.secret in line.message]
 
 
 def _pretrain(bucket: str, cache: Path, sets: list[str]) -> subprocess.Popen:
