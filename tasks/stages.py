@@ -1,12 +1,14 @@
 """The stage registry: every stage of the pipeline, declared once.
 
 `homer stage`, `homer serve`, `homer_pipeline`, the fingerprints (code versions), the
-deployments test and the README's deployments table all read `STAGES`. Adding a stage
+deployments tests (prefect.yaml, deploy/prefect-docker.yaml) and the README's deployments
+table all read `STAGES`. Adding a stage
 is one entry here plus its flow module. A flow is named by its entrypoint and imported
 on use, so this module imports nothing from flows/ (imports point flows -> tasks -> model).
 
     from tasks.stages import STAGES
     STAGES["prepare"].inputs     # {"wikipedia": "ingest-wikipedia", "simpsons": "ingest-simpsons"}
+    STAGES["prepare"].pool       # "homer-pool": its deployment's work pool (training: "homer-gpu")
     STAGES["prepare"].load_flow()(config.prepare, data_dir=root)
 """
 
@@ -15,6 +17,12 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from typing import Callable
+
+# The two work pools of prefect.yaml: data stages, the report, generate and the whole-pipeline
+# deployments run on CPU workers; the training stages on GPU workers. Both are `process` pools by
+# default; deploy/prefect-docker.yaml has their `docker` twins (these names + "-docker").
+DATA_POOL = "homer-pool"
+GPU_POOL = "homer-gpu"
 
 
 @dataclass(frozen=True)
@@ -25,11 +33,16 @@ class Stage:
     code_version: str  # part of every fingerprint: bump it when the output's format or logic changes
     summary: str  # one line for the CLI help and the README's deployments table
     inputs: dict[str, str] = field(default_factory=dict)  # flow parameter -> the upstream stage whose output it takes
-    trains: bool = False  # a training stage: tagged `gpu`, holds the `gpu` slot on CUDA
+    trains: bool = False  # a training stage: tagged `gpu`, holds the `gpu` slot on CUDA, deployed on the GPU pool
 
     @property
     def tags(self) -> list[str]:
         return ["homer", "stage", "gpu"] if self.trains else ["homer", "stage"]
+
+    @property
+    def pool(self) -> str:
+        """The work pool its deployment runs on (prefect.yaml; a test keeps the two equal)."""
+        return GPU_POOL if self.trains else DATA_POOL
 
     def load_flow(self) -> Callable:
         module, _, function = self.entrypoint.rpartition(".")
@@ -62,9 +75,9 @@ def upstream(stage: str) -> list[str]:
 
 def deployments_table() -> str:
     """The README's table of stage deployments (`homer stages` prints it; a test keeps the README equal to it)."""
-    rows = ["| deployment | what it runs | parameters |", "| --- | --- | --- |"]
+    rows = ["| deployment | what it runs | parameters | work pool |", "| --- | --- | --- | --- |"]
     for stage in STAGES.values():
         params = ", ".join(f"`{p}`" for p in ("config", *stage.inputs))
         gpu = "; tagged `gpu`, holds the `gpu` slot" if stage.trains else ""
-        rows.append(f"| `{stage.name}/{stage.name}` | {stage.summary}{gpu} | {params} |")
+        rows.append(f"| `{stage.name}/{stage.name}` | {stage.summary}{gpu} | {params} | `{stage.pool}` |")
     return "\n".join(rows)

@@ -1,16 +1,22 @@
 """End-to-end fixtures: the real thing, on 127.0.0.1 only, in temporary directories.
 
-One `Stack` per module: `prefect server start` on a free loopback port, the `homer-pool`
-process work pool, the `gpu` global concurrency limit, `prefect deploy --all` from the
-repository root (the prefect.yaml as it is), and a `prefect worker` whose flow runs
-write into a temporary HOMER_DATA_DIR. Every process started here is recorded and
-stopped by its own PID (and its process group, and the flow-run processes it started)
-at teardown, also when a test fails. Every wait is bounded and says what it waited for.
+One `Stack` per module: `prefect server start` on a free loopback port with an auth string
+(PREFECT_SERVER_API_AUTH_STRING, random per stack), the two process work pools of
+prefect.yaml (`homer-pool` for the data stages and the pipeline, `homer-gpu` for training),
+the `gpu` global concurrency limit, `prefect deploy --all` from the repository root (the
+prefect.yaml as it is), and one `prefect worker` per pool whose flow runs write into a
+temporary HOMER_DATA_DIR. Every client, worker and CLI call started here has the string as
+PREFECT_API_AUTH_STRING (`Stack.rest` and `Stack.client` send it too), and the `browser`
+fixture logs in to the UI with it when a test also uses `stack`. Every process started here is
+recorded and stopped by its own PID (and its process group, and the flow-run processes it
+started) at teardown, also when a test fails. Every wait is bounded and says what it waited for.
 """
 
 from __future__ import annotations
 
+import base64
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -23,9 +29,12 @@ from typing import Any, Callable, Iterable
 import httpx
 import pytest
 
+from tasks.stages import DATA_POOL, GPU_POOL
+
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable  # the project's venv: its `prefect` is the one the flows use
-POOL = "homer-pool"
+POOL = DATA_POOL  # the data stages, the report, generate and the whole pipeline
+POOLS = (DATA_POOL, GPU_POOL)  # prefect.yaml's pools, as tasks/stages.py names them
 CHROMEDRIVER = "/usr/bin/chromedriver"
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 
@@ -119,10 +128,12 @@ class Stack:
         self.data_dir = root / "data"
         self.logs = root / "logs"
         self.logs.mkdir(parents=True)
+        self.auth_string = secrets.token_urlsafe(24)  # the server's; every client here sends it
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "HOMER_DATA_DIR"}
         env.update({
             "PREFECT_HOME": str(root / "prefect-home"),
             "PREFECT_API_URL": self.api_url,
+            "PREFECT_API_AUTH_STRING": self.auth_string,  # workers, flow runs, `homer serve`, the CLI
             "PREFECT_UI_API_URL": self.api_url,  # else the UI's browser code calls the default port
             "PREFECT_SERVER_API_HOST": "127.0.0.1",
             "PREFECT_SERVER_API_PORT": str(self.port),
@@ -137,15 +148,17 @@ class Stack:
             "PYTHONUNBUFFERED": "1",
         })
         self.env = env
+        self.server_env = {**env, "PREFECT_SERVER_API_AUTH_STRING": self.auth_string}  # the server alone
         self.procs: dict[str, subprocess.Popen] = {}
+        self.workers: dict[str, str] = {}  # worker name -> its pool
         self.started: list[int] = []  # every PID we started, and flow-run PIDs seen, for teardown
         self._client = None
 
     # -- processes
-    def spawn(self, name: str, *args: str, argv: list[str] | None = None) -> subprocess.Popen:
+    def spawn(self, name: str, *args: str, argv: list[str] | None = None, env: dict | None = None) -> subprocess.Popen:
         """Start `prefect ARGS` (or `argv`) in a session of its own, logging to logs/NAME.log."""
         log = open(self.logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv or [PYTHON, "-m", "prefect", *args], cwd=REPO, env=self.env, stdout=log,
+        proc = subprocess.Popen(argv or [PYTHON, "-m", "prefect", *args], cwd=REPO, env=env or self.env, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         self.procs[name] = proc
@@ -159,9 +172,15 @@ class Stack:
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name, None)
+        self.workers.pop(name, None)
         if proc is not None:
             stop_pids([proc.pid, *descendants(proc.pid)])
             proc.wait(timeout=10)
+
+    def stop_workers(self) -> None:
+        """Stop every worker this stack started (whatever its pool)."""
+        for name in list(self.workers):
+            self.stop(name)
 
     def close(self) -> None:
         if self._client is not None:
@@ -179,10 +198,10 @@ class Stack:
             return False
         return alive(pid) and f"PREFECT_HOME={self.env['PREFECT_HOME']}".encode() in environ.split(b"\0")
 
-    def cli(self, *args: str, timeout: float = 120) -> str:
+    def cli(self, *args: str, timeout: float = 120, env: dict | None = None) -> str:
         """Run `prefect ARGS` to completion; fail with its output if it fails or hangs."""
         try:
-            done = subprocess.run([PYTHON, "-m", "prefect", *args], cwd=REPO, env=self.env, capture_output=True,
+            done = subprocess.run([PYTHON, "-m", "prefect", *args], cwd=REPO, env=env or self.env, capture_output=True,
                                   text=True, timeout=timeout, stdin=subprocess.DEVNULL, start_new_session=True)
         except subprocess.TimeoutExpired as exc:
             pytest.fail(f"`prefect {' '.join(args)}` did not finish in {timeout}s:\n{exc.stdout}\n{exc.stderr}", pytrace=False)
@@ -191,25 +210,26 @@ class Stack:
         return done.stdout + done.stderr
 
     def start_server(self) -> None:
-        proc = self.spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(self.port))
+        proc = self.spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(self.port), env=self.server_env)
 
         def healthy():
             if proc.poll() is not None:
                 pytest.fail(f"`prefect server start` exited {proc.returncode}\n{self.log_tail('server')}", pytrace=False)
-            return httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200
+            return httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200  # open: probes need no string
 
         wait_until(f"the Prefect server on {self.api_url}", healthy, timeout=120, detail=lambda: self.log_tail("server"))
 
-    def start_worker(self, name: str) -> subprocess.Popen:
-        proc = self.spawn(name, "worker", "start", "--pool", POOL, "--name", name, "--type", "process")
+    def start_worker(self, name: str, pool: str = POOL) -> subprocess.Popen:
+        proc = self.spawn(name, "worker", "start", "--pool", pool, "--name", name, "--type", "process")
+        self.workers[name] = pool
 
         def online():
             if proc.poll() is not None:
                 pytest.fail(f"worker {name} exited {proc.returncode}\n{self.log_tail(name)}", pytrace=False)
-            workers = self.client.read_workers_for_work_pool(POOL)
+            workers = self.client.read_workers_for_work_pool(pool)
             return any(w.name == name and str(w.status).upper().endswith("ONLINE") for w in workers)
 
-        wait_until(f"worker {name} to come online in {POOL}", online, timeout=90, detail=lambda: self.log_tail(name))
+        wait_until(f"worker {name} to come online in {pool}", online, timeout=90, detail=lambda: self.log_tail(name))
         return proc
 
     # -- API
@@ -218,12 +238,17 @@ class Stack:
         if self._client is None:
             from prefect.client.orchestration import SyncPrefectClient
 
-            self._client = SyncPrefectClient(self.api_url)
+            self._client = SyncPrefectClient(self.api_url, auth_string=self.auth_string)
             self._client.__enter__()
         return self._client
 
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """What Prefect's clients send: HTTP Basic with the auth string as the credentials."""
+        return {"Authorization": "Basic " + base64.b64encode(self.auth_string.encode()).decode()}
+
     def rest(self, method: str, path: str, **kwargs) -> Any:
-        response = httpx.request(method, f"{self.api_url}{path}", timeout=30, **kwargs)
+        response = httpx.request(method, f"{self.api_url}{path}", timeout=30, headers=self.auth_headers, **kwargs)
         response.raise_for_status()
         return response.json() if response.content else None
 
@@ -274,14 +299,17 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """Server + pool + `prefect deploy --all` + one worker, torn down by PID at module end."""
+    """Server (with an auth string) + both pools + `prefect deploy --all` + a worker per pool
+    (`worker-1` on homer-pool, `gpu-worker-1` on homer-gpu), torn down by PID at module end."""
     stack = Stack(tmp_path_factory.mktemp("e2e"))
     try:
         stack.start_server()
-        stack.cli("work-pool", "create", POOL, "--type", "process")
+        for pool in POOLS:
+            stack.cli("work-pool", "create", pool, "--type", "process")
         stack.cli("gcl", "create", "gpu", "--limit", "1")
         stack.deploy_output = stack.cli("--no-prompt", "deploy", "--all", timeout=240)
-        stack.start_worker("worker-1")
+        stack.start_worker("worker-1", POOL)
+        stack.start_worker("gpu-worker-1", GPU_POOL)
         yield stack
     finally:
         stack.close()
@@ -296,9 +324,30 @@ def chromium_binary() -> str | None:
     return shutil.which("chromium")
 
 
+def log_in(driver, stack: Stack, auth_string: str | None = None, timeout: float = 60) -> None:
+    """Log in to the UI the way a person does: its login page asks for the server's auth string
+    (a password field), keeps it in the browser's localStorage (`prefect-password`) and sends it
+    with every API call. Fails (with the page's text) unless the UI lets us in."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(f"{stack.ui_url}/login?redirect=/dashboard")
+    wait = WebDriverWait(driver, timeout)
+    try:
+        field = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "input[type=password]")))
+        field.send_keys(auth_string if auth_string is not None else stack.auth_string, Keys.ENTER)
+        wait.until(lambda d: "/login" not in d.current_url and d.execute_script("return localStorage.getItem('prefect-password')"))
+    except Exception:
+        pytest.fail(f"could not log in to the UI at {stack.ui_url} (now at {driver.current_url}); page text:\n"
+                    f"{driver.find_element(By.TAG_NAME, 'body').text[:2000]}", pytrace=False)
+
+
 @pytest.fixture
-def browser(tmp_path):
-    """Headless Debian Chromium through Selenium; fails in CI (CI=true) when it is missing."""
+def browser(tmp_path, request):
+    """Headless Debian Chromium through Selenium; fails in CI (CI=true) when it is missing.
+    In a test that uses `stack`, it is logged in to that stack's UI (the server has an auth string)."""
     binary = chromium_binary()
     if binary is None or not Path(CHROMEDRIVER).exists():
         reason = f"Chromium or ChromeDriver missing ({'/usr/bin/chromium' if binary is None else CHROMEDRIVER}); `make browser` installs them"
@@ -319,6 +368,8 @@ def browser(tmp_path):
     driver_pid = service.process.pid
     tree = [driver_pid]
     try:
+        if "stack" in request.fixturenames:
+            log_in(driver, request.getfixturevalue("stack"))
         yield driver
     finally:
         tree += descendants(driver_pid)  # Chromium's own processes, before quit() reparents them

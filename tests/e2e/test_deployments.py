@@ -1,4 +1,6 @@
-"""prefect.yaml and `homer serve` (flows/serve.py) describe the same deployments.
+"""prefect.yaml and `homer serve` (flows/serve.py) describe the same deployments, and
+prefect.yaml puts each on the work pool the stage registry names (tasks/stages.py: training
+on `homer-gpu`, the rest on `homer-pool`; serve has no pools).
 
 No server needed: the YAML is read as data, serve's deployments are built with
 `flow.to_deployment` but not applied, and each entrypoint is loaded the way a worker
@@ -15,7 +17,7 @@ import pytest
 import yaml
 
 from flows.config import PROFILES, PipelineConfig, load_config
-from tasks.stages import STAGES
+from tasks.stages import DATA_POOL, GPU_POOL, STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE_DEPLOYMENTS = [*STAGES, "generate"]
@@ -39,13 +41,21 @@ def squash(text: str | None) -> str | None:
     return " ".join(text.split()) if text else None
 
 
-def test_prefect_yaml_has_every_deployment_on_the_process_pool():
+def expected_pool(name: str) -> str:
+    """The registry's pool for a stage deployment; the pipeline and generate run on the data pool."""
+    return STAGES[name].pool if name in STAGES else DATA_POOL
+
+
+def test_prefect_yaml_has_every_deployment_on_the_registrys_pool():
     doc = prefect_yaml()
     deployments = by_name(doc["deployments"])
     assert sorted(deployments) == sorted(["scheduled", "sample", *STAGE_DEPLOYMENTS])
+    pools = {name: d["work_pool"]["name"] for name, d in deployments.items()}
+    assert pools == {name: expected_pool(name) for name in deployments}
+    assert {name for name, pool in pools.items() if pool == GPU_POOL} == {"pretrain", "finetune"}
     for name, d in deployments.items():
-        assert d["work_pool"]["name"] == "homer-pool", name
         assert d["enforce_parameter_schema"] is True, name
+        assert d["work_pool"]["job_variables"] == {}, f"{name}: a process pool takes no image or GPU settings"
     # the working directory of every flow run is the checkout `prefect deploy` ran in
     (build,) = doc["build"]
     assert build["prefect.deployments.steps.run_shell_script"] == {"id": "checkout", "script": "pwd", "stream_output": False}
@@ -138,6 +148,9 @@ def test_readme_deployments_table_is_the_stage_registry():
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     rows = deployments_table().splitlines()[2:]
-    table = readme[readme.index("| deployment | what it runs | parameters |"):]
+    table = readme[readme.index(deployments_table().splitlines()[0]):]
     table = table[:table.index("\n\n")].splitlines()
     assert [line for line in table if line.startswith("| `") and "homer-pipeline" not in line and "generate/" not in line] == rows
+    # the rows the registry does not make: the whole pipeline and generate, on the data pool as in prefect.yaml
+    others = [line for line in table if "homer-pipeline/" in line or "generate/" in line]
+    assert len(others) == 3 and all(line.endswith(f"| `{DATA_POOL}` |") for line in others), others
