@@ -51,13 +51,22 @@ def location_markdown(title: str, location: str | Path, fingerprint: str | None 
     return "\n".join(lines) + "\n"
 
 
+def _made_at(ref) -> float:
+    """When an output was made: its manifest's mtime here, or for one in a store (whose local copy may be new), its `created`."""
+    if "://" in ref.path:
+        from datetime import datetime
+
+        return datetime.fromisoformat(ref.manifest()["created"]).timestamp()
+    return (ref.dir / "manifest.json").stat().st_mtime
+
+
 def pipeline_summary_markdown(refs: dict, started: float) -> str:
     """The pipeline run's own artifact: where each stage's output is (made by this run, or reused: its
     manifest is older than `started`, a time.time()), then the report (bits per character, samples)
     with its loss-curve image."""
     lines = ["# recurrent-homer pipeline", "", "| stage | output | fingerprint | this run |", "| --- | --- | --- | --- |"]
     for stage, ref in refs.items():
-        made = "reused" if (ref.dir / "manifest.json").stat().st_mtime < started else "made"
+        made = "reused" if _made_at(ref) < started else "made"
         lines.append(f"| {stage} | {code(ref.path)} | {code(ref.fingerprint)} | {made} |")
     report = refs.get("report")
     if report is not None:

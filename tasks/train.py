@@ -348,7 +348,7 @@ def publish_training(stage: str, ref: StageRef, reused: bool) -> None:
     note = "`last/` is beside it." + (" Reused: made by an earlier run with the same fingerprint." if reused else "")
     tag = " (reused)" if reused else ""
     create_markdown_artifact(key=artifact_key(stage, "checkpoint"),
-                             markdown=location_markdown(f"{stage} best/{tag}", ref.dir / "best", ref.fingerprint, note=note),
+                             markdown=location_markdown(f"{stage} best/{tag}", f"{ref.path}/best", ref.fingerprint, note=note),
                              description=f"best validation checkpoint of {stage}{tag}; last/ is beside it")
     create_markdown_artifact(key=artifact_key(stage, "loss", "curves"),
                              markdown=f"### {stage} loss curves{tag}\n\n{png_markdown(ref.dir / 'loss.png', f'{stage} loss curves')}\n",

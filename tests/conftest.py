@@ -6,6 +6,7 @@ every Prefect setting resolves inside the temporary home.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -27,6 +28,7 @@ os.environ.pop("HOMER_DATA_DIR", None)
 # The session's test server runs no lease reaper, so a killed run's lease would never come free: host locks only
 # (the end-to-end tests run `prefect server start`, which has one, and use the leases).
 os.environ["HOMER_OUTPUT_LOCK"] = "host"
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's S3 server logs every request at INFO
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))

@@ -155,10 +155,11 @@ class Stack:
         self._client = None
 
     # -- processes
-    def spawn(self, name: str, *args: str, argv: list[str] | None = None, env: dict | None = None) -> subprocess.Popen:
+    def spawn(self, name: str, *args: str, argv: list[str] | None = None, env: dict | None = None,
+              cwd: Path | None = None) -> subprocess.Popen:
         """Start `prefect ARGS` (or `argv`) in a session of its own, logging to logs/NAME.log."""
         log = open(self.logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv or [PYTHON, "-m", "prefect", *args], cwd=REPO, env=env or self.env, stdout=log,
+        proc = subprocess.Popen(argv or [PYTHON, "-m", "prefect", *args], cwd=cwd or REPO, env=env or self.env, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         self.procs[name] = proc
@@ -219,8 +220,8 @@ class Stack:
 
         wait_until(f"the Prefect server on {self.api_url}", healthy, timeout=120, detail=lambda: self.log_tail("server"))
 
-    def start_worker(self, name: str, pool: str = POOL) -> subprocess.Popen:
-        proc = self.spawn(name, "worker", "start", "--pool", pool, "--name", name, "--type", "process")
+    def start_worker(self, name: str, pool: str = POOL, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
+        proc = self.spawn(name, "worker", "start", "--pool", pool, "--name", name, "--type", "process", env=env, cwd=cwd)
         self.workers[name] = pool
 
         def online():
