@@ -368,7 +368,13 @@ def stage_outputs(root: Path, stage: str) -> list[Path]:
 
 
 def verify_stage(root: Path, stage: str, checksums: bool = True) -> list[tuple[str, Path, str]]:
-    """(state, path, detail) for every output of a stage and for its `latest`; state is ok, damaged or incomplete."""
+    """(state, path, detail) for every output of a stage and for its `latest`; state is ok, damaged or incomplete.
+
+    For a root in an object store the outputs are those in the store (path: their URL as a
+    PurePosixPath): sizes there, and with `checksums` every file read back from the store.
+    """
+    if (remote := remote_of(root)) is not None:
+        return _verify_remote_stage(root, remote, stage, checksums)
     rows = []
     for out in stage_outputs(root, stage):
         state, problems = inspect_output(out, checksums)
@@ -392,6 +398,30 @@ def verify_stage(root: Path, stage: str, checksums: bool = True) -> list[tuple[s
         if not output_dir(root, stage, fp).is_dir():
             rows.append(("damaged", pointer, f"{pointer} names {fp}, but {output_dir(root, stage, fp)} does not exist; "
                                              f"re-run `homer stage {stage}`"))
+    return rows
+
+
+def _verify_remote_stage(root: Path, remote, stage: str, checksums: bool) -> list[tuple[str, Path, str]]:
+    from pathlib import PurePosixPath
+
+    from model.store import remote as remote_store
+
+    rows = []
+    for fp in remote_store._child_names(remote, remote.path(stage)):
+        if not remote_store._FP.match(fp):
+            continue
+        url = f"{remote.url}/{stage}/{fp}"
+        state, problems = remote_store.inspect_remote_output(remote, stage, fp)
+        if state == "complete" and checksums and (problems := remote_store.remote_checksum_problems(remote, stage, fp)):
+            state = "damaged"
+        if state == "complete":
+            rows.append(("ok", PurePosixPath(url), "sizes and checksums match" if checksums else "sizes match"))
+        elif state == "incomplete":
+            rows.append(("incomplete", PurePosixPath(url), f"no {MANIFEST}: never finished, still being written, or a "
+                                                           f"crashed writer's (`homer gc` lists it); `homer stage {stage}` finishes it"))
+        else:
+            rows.append(("damaged", PurePosixPath(url), f"{problems[0] if problems else state}; re-run `homer stage {stage}` "
+                                                        f"to set it aside and rebuild it"))
     return rows
 
 

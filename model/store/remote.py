@@ -398,6 +398,30 @@ def materialize(remote: RemoteRoot, stage: str, fp: str, dest: Path | None = Non
     return dest
 
 
+def remote_checksum_problems(remote: RemoteRoot, stage: str, fp: str) -> list[str]:
+    """Read every file of a complete remote output from the store and check its checksum: the problems, naming files.
+
+    What `homer verify` does for a root in a store: the local blob cache is not consulted, so a
+    file changed in the store since it was downloaded is found.
+    """
+    found = _inspect(remote, stage, fp)
+    if found.state != "complete":
+        return found.problems or [f"{remote.url_of(remote.path(stage, fp))} is {found.state}"]
+    out, folder, problems = remote.path(stage, fp), found.manifest.get("dir") or "", []
+    for rel, entry in found.manifest["files"].items():
+        algorithm = _algorithm(entry)
+        if algorithm is None:
+            continue
+        digest = outputs.xxhash.xxh3_128() if algorithm == "xxh3_128" else hashlib.sha256()
+        key = _join(out, folder, rel)
+        with _io("reading", remote.url_of(key)), remote.fs.open(key, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != entry[algorithm]:
+            problems.append(f"{remote.url_of(key)}: its {algorithm} checksum differs from the manifest's (changed in the store)")
+    return problems
+
+
 # ---------------------------------------------------------------------------- latest
 
 def latest_name(created: str | datetime, fp: str) -> str:

@@ -84,6 +84,28 @@ def test_the_sample_pipeline_runs_in_a_bucket_and_another_machine_samples_from_i
     assert [p.name for p in other.iterdir()] == ["cache"]
     assert s3_server.secret not in done.stdout + done.stderr
 
+    def homer(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args, "--data-dir", bucket_root], cwd=other, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    verified = homer("verify")
+    assert verified.returncode == 0 and verified.stdout.count("ok ") == 6, verified.stdout + verified.stderr
+    collected = homer("gc")
+    assert collected.returncode == 0 and collected.stdout.strip().endswith("; run `homer gc --remove` to delete them")
+    assert "/pretrain/" not in collected.stdout  # the training's pushed checkpoints left the store with its commit
+    # A shard damaged in the bucket (same size, other bytes) is found and named, with the stage that remakes it.
+    import boto3
+
+    prefix = bucket_root.split("/", 3)[3] + "/"
+    [shard] = [k for k in bucket_keys(s3_server, bucket_root) if k.startswith("prepare/") and k.endswith("train-00000-of-00001.parquet")
+               and "/shards/simpsons/" in k]
+    client = boto3.client("s3")
+    body = client.get_object(Bucket=s3_server.bucket, Key=prefix + shard)["Body"].read()
+    client.put_object(Bucket=s3_server.bucket, Key=prefix + shard, Body=bytes(len(body)))
+    broken = homer("verify", "prepare")
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert "damaged" in broken.stdout and "train-00000-of-00001.parquet" in broken.stdout and "homer stage prepare" in broken.stdout
+
 
 def assert_secret_nowhere(s3_server, root: str, cache: Path, flow_run_ids: list) -> None:
     """The bucket's secret key is in no object of the root, no file of the cache, no log line and no run parameter."""
