@@ -10,6 +10,7 @@ metadata naming the vocabulary fingerprint, seq_len, corpus and split.
     with ShardWriter(out_dir, "train", seq_len=100, corpus="homer", vocab_fingerprint=fp) as w:
         w.add(windows, overlap)             # (N, seq_len + 1) uint16, (N,) overlap
     windows, meta = read_split(out_dir, "train")   # (N_total, seq_len + 1) uint16
+    windows = open_split(out_dir, "train")         # the same rows, memory-mapped (training reads these)
     overlap = read_overlap(out_dir, "train")       # (N_total,) uint32
 """
 
@@ -181,6 +182,72 @@ def read_split(shards_dir, split: str) -> tuple[np.ndarray, dict]:
     windows = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
     meta = dict(meta, rows=len(windows), shards=len(paths))
     return windows.astype(np.uint16, copy=False), meta
+
+
+class SplitWindows:
+    """A split's windows, (N, seq_len + 1) uint16, without holding them in memory.
+
+    Each shard is memory-mapped from a local `.npy` copy kept by the shard's checksum
+    (`window_cache_dir()`), written once, one shard at a time; indexing with an array of rows
+    or a slice gathers just those rows. So a training's memory does not grow with the corpus:
+    the pages it reads are the page cache's, not the process's own.
+    """
+
+    def __init__(self, arrays: list[np.ndarray], meta: dict):
+        self.arrays = arrays
+        self.meta = meta
+        self.offsets = np.cumsum([0, *(len(a) for a in arrays)])  # (S + 1,) first row of each shard
+        self.shape = (int(self.offsets[-1]), int(meta["seq_len"]) + 1)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(len(self)))
+        rows = np.asarray(rows, dtype=np.int64)  # (B,)
+        out = np.empty((len(rows), self.shape[1]), np.uint16)  # (B, T + 1)
+        shard = np.searchsorted(self.offsets, rows, side="right") - 1
+        for i in np.unique(shard):
+            picked = shard == i
+            out[picked] = self.arrays[i][rows[picked] - self.offsets[i]]
+        return out
+
+
+def window_cache_dir() -> Path:
+    """Where shards' `.npy` copies live: $HOMER_CACHE_DIR/windows (default ~/.cache/recurrent-homer/windows)."""
+    base = os.environ.get("HOMER_CACHE_DIR") or Path.home() / ".cache" / "recurrent-homer"
+    return Path(base).expanduser() / "windows"
+
+
+def _mapped(path: Path, width: int, cache: Path) -> np.ndarray:
+    """The shard's ids as a read-only memory map of its `.npy` copy, made first if missing."""
+    from model.store.outputs import CHECKSUM, _digest
+
+    copy = cache / f"{_digest(path, CHECKSUM)}-{width}.npy"
+    if not copy.is_file():
+        values = _read(path, ["ids"]).column("ids").combine_chunks().values.to_numpy(zero_copy_only=False)
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = copy.with_name(f".{copy.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as handle:  # a file object: np.save would add ".npy" to the temporary name
+            np.save(handle, values.astype(np.uint16, copy=False).reshape(-1, width), allow_pickle=False)
+        os.replace(tmp, copy)
+    return np.load(copy, mmap_mode="r", allow_pickle=False)
+
+
+def open_split(shards_dir, split: str, cache: Path | None = None) -> SplitWindows:
+    """A split's windows as SplitWindows (memory-mapped), after the same checks as read_split."""
+    paths = list_shards(shards_dir, split)
+    meta = None
+    for path in paths:
+        this = shard_metadata(path)
+        if meta is None:
+            meta = this
+        elif {k: this.get(k) for k in ("vocab_fingerprint", "seq_len")} != {k: meta.get(k) for k in ("vocab_fingerprint", "seq_len")}:
+            raise ShardError(f"{path}: metadata {this} differs from the other {split} shards {meta}")
+    width = meta["seq_len"] + 1
+    arrays = [_mapped(path, width, cache or window_cache_dir()) for path in paths]
+    return SplitWindows(arrays, dict(meta, rows=sum(map(len, arrays)), shards=len(paths)))
 
 
 def _schema(path) -> pa.Schema:

@@ -80,3 +80,31 @@ def test_failed_writer_leaves_no_shard(tmp_path):
 def test_lone_surrogate_becomes_unknown_not_a_crash():
     vocab = build_vocab(count_chars(["abc"]))
     assert vocab.encode("a\ud800b").tolist() == [vocab.encode("a")[0], vocab.unk_id, vocab.encode("b")[0]]
+
+
+def test_open_split_memory_maps_the_same_windows_and_keeps_copies_by_checksum(tmp_path, monkeypatch, write_shards):
+    import numpy as np
+
+    from model.data.shards import ShardError, open_split, read_split
+
+    monkeypatch.setenv("HOMER_CACHE_DIR", str(tmp_path / "cache"))
+    text = "D'oh! Mmm... donuts. Woo-hoo! Why you little...! "
+    vocab = build_vocab(count_chars([text]))
+    shards = write_shards(tmp_path / "shards", vocab, text * 200, text * 3, rows_per_shard=50)
+    windows, _ = read_split(shards, "train")
+    mapped = open_split(shards, "train")
+    assert mapped.shape == windows.shape and mapped.meta["shards"] > 3
+    rows = np.random.default_rng(0).permutation(len(windows))[:64]
+    assert (mapped[rows] == windows[rows]).all() and (mapped[7:133] == windows[7:133]).all()
+    assert all(isinstance(a, np.memmap) for a in mapped.arrays)  # nothing of the split is read into memory
+    copies = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "windows").iterdir()}
+    assert len(copies) == mapped.meta["shards"]
+    open_split(shards, "train")
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "windows").iterdir()} == copies  # reused
+    # Other bytes under the same name get a copy of their own: copies are kept by checksum, not by path.
+    write_shards(tmp_path / "shards", vocab, (text * 200)[::-1], text * 3, rows_per_shard=50)
+    assert (open_split(shards, "train")[:] == read_split(shards, "train")[0]).all()
+    first = sorted(shards.glob("train-*.parquet"))[0]
+    first.write_bytes(first.read_bytes()[:100])  # truncated: named, with the stage that remakes it
+    with pytest.raises(ShardError, match=first.name):
+        open_split(shards, "train")
