@@ -4,15 +4,20 @@ Measures, side by side in one run:
   - `write_shards` (vectorised numpy encoding) in MB of text per second,
   - the same pipeline with a naive per-character Python loop for the encoding,
   - peak resident memory of `write_shards` at 1x and 10x the corpus size (each in a
-    fresh subprocess), which should stay flat because shards are written one at a time.
+    fresh subprocess), which should stay flat because shards are written one at a time,
+  - the fan-out (counting and shard writing per part, as the `prepare` flow maps them) as
+    one part on one thread against several parts on 1, 2 and all threads (no Prefect: the
+    parts' own speed; a Prefect task run adds a fixed cost per part).
 
-    python benchmarks/bench_prepare.py [--mb 8] [--naive-mb 2]
+    python benchmarks/bench_prepare.py [--mb 8] [--naive-mb 2] [--parts 8] [--only fanout]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 import os
 import subprocess
 import sys
@@ -30,7 +35,8 @@ pa.set_cpu_count(1)
 pa.set_io_thread_count(1)
 
 from model.data import prepare as prep  # noqa: E402
-from model.data.prepare import PrepareConfig, corpus_char_counts, write_corpus, write_shards  # noqa: E402
+from model.data.prepare import (PrepareConfig, corpus_char_counts, count_part, merge_pieces, plan_parts, shard_layout,  # noqa: E402
+                                wikipedia_documents, write_corpus, write_part_shards, write_shards)
 from model.data.sources import SAMPLE_WIKIPEDIA  # noqa: E402
 from model.data.vocab import build_vocab  # noqa: E402
 
@@ -118,11 +124,62 @@ def peak_rss_child(megabytes: float) -> tuple[float, float]:
     return peak, speed
 
 
+def fanout_seconds(articles: Path, docs_per_part: int, threads: int) -> float:
+    """Count every part, build the vocabulary, write every part's shards and merge the shared ones, on `threads` threads."""
+    import pyarrow.parquet as pq
+
+    cfg = PrepareConfig(rows_per_shard=20_000)
+    parts = plan_parts({"wikipedia": pq.ParquetFile(articles).metadata.num_rows}, docs_per_part)
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(threads) as pool:
+        out = Path(tmp)
+        started = time.perf_counter()
+        counted = list(pool.map(lambda p: count_part(wikipedia_documents(articles, p.start, p.stop), cfg), parts))
+        chars = Counter()
+        for c in counted:
+            chars.update(c["char_counts"])
+        vocab = build_vocab(chars)
+        layout = shard_layout(parts, counted, cfg)
+        list(pool.map(lambda p: write_part_shards(wikipedia_documents(articles, p.start, p.stop), vocab, out / "shards",
+                                                  out / ".pieces", out / ".parts" / p.name, p, layout[p.name], cfg), parts))
+        merge_pieces(out / ".pieces", out / "shards", out / ".parts" / "merge", "wikipedia", layout[parts[0].name], vocab.fingerprint, cfg)
+        return time.perf_counter() - started
+
+
+def fanout_rows(megabytes: float, n_parts: int) -> list[tuple[str, float]]:
+    """(row, seconds), best of 3: one part on one thread, then n_parts parts on 1, 2 and every core's thread."""
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus, articles = Path(tmp) / "corpus.parquet", Path(tmp) / "articles.parquet"
+        make_corpus(corpus, megabytes)
+        table = pq.read_table(corpus).rename_columns(["id", "text"])
+        pq.write_table(table, articles, row_group_size=1000, compression="zstd")  # as ingest-wikipedia writes it
+        per_part = -(-table.num_rows // n_parts)
+        runs = [("one part, 1 thread", table.num_rows, 1)]
+        for threads in sorted({1, 2, os.cpu_count() or 1}):
+            runs.append((f"{n_parts} parts, {threads} thread{'s' if threads > 1 else ''}", per_part, threads))
+        return [(name, min(fanout_seconds(articles, per, threads) for _ in range(3))) for name, per, threads in runs]
+
+
+def print_fanout(megabytes: float, n_parts: int) -> None:
+    rows = fanout_rows(megabytes, n_parts)
+    print(f"\n## fan-out: count + shards per part, {megabytes:g} MB, threads (best of 3)\n")
+    print("| parts and threads | seconds | MB/s | vs one part |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds:.2f} | {megabytes / seconds:.1f} | {rows[0][1] / seconds:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=8.0, help="corpus size for the throughput rows (and 10x for memory)")
     parser.add_argument("--naive-mb", type=float, default=2.0, help="corpus size for the naive loop (it is slow)")
+    parser.add_argument("--parts", type=int, default=8, help="parts of the fan-out rows")
+    parser.add_argument("--only", choices=["fanout"], help="print only these rows")
     args = parser.parse_args()
+    if args.only == "fanout":
+        print_fanout(args.mb, args.parts)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         big, small = Path(tmp) / "big.parquet", Path(tmp) / "small.parquet"
         make_corpus(big, args.mb)
@@ -151,6 +208,7 @@ def main() -> None:
     for mb in (args.mb, args.mb * 10):
         peak, mbps = peak_rss_child(mb)
         print(f"| {mb:.0f} | {peak:.0f} | {mbps:.1f} |")
+    print_fanout(args.mb, args.parts)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,45 @@
 """Data-stage tasks: ingest Wikipedia, ingest the Simpsons lines, prepare corpora and shards.
 
-Each task takes its config section, its input refs and the artifact root, writes its
+Each stage task takes its config section, its input refs and the artifact root, writes its
 output through the artifact store (temporary directory, manifest, rename) and returns
 a StageRef. The cache key is the output fingerprint, so a re-run is Cached.
+
+`prepare` is written by small mapped tasks (model.data.prepare explains the parts):
+`prepare-corpus` per corpus, `prepare-count` per part, `prepare-vocab` once,
+`prepare-shards` per part, `prepare-merge` per corpus. Each takes plain arguments and
+writes its files into a location given as a string, `work`: the staging directory of the
+output, or, for mapped tasks on other machines, a folder in the artifact root's object
+store (`upload-<time>-<id>/` under the output, which `homer gc` treats as a writer's
+folder) that the flow then copies into the staging directory. `write_prepare` runs the
+steps with a runner: the `prepare` flow's maps them onto its task runner (threads or
+Dask); `prepare_task`, run on its own, runs them one after the other in its process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
 import time
+import uuid
 from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from model.data.prepare import PrepareConfig, corpus_char_counts, group_lines, write_corpus, write_shards
+from model.data.prepare import (Part, PrepareConfig, PrepareError, count_part, merge_pieces, plan_parts, shard_counts,
+                                shard_layout, simpsons_documents, wikipedia_documents, write_corpus, write_part_shards)
+from model.data.shards import list_shards
 from model.data.sources import (SimpsonsConfig, SourceError, WikipediaConfig, download_simpsons, read_simpsons_csv, read_wikipedia,
                                 wikipedia_location)
-from model.store.outputs import StageRef, data_root, manifest_for, ref_for, staging, write_manifest
-from model.data.vocab import build_vocab
-from tasks.common import complete_ref, stage_cache_key, stage_fingerprint
+from model.store.outputs import StageRef, data_root, manifest_for, ref_for, remote_of, staging, write_manifest
+from model.data.vocab import Vocab, build_vocab
+from tasks.common import _logger, complete_ref, stage_cache_key, stage_fingerprint
 
 ARTICLE_SCHEMA = pa.schema([("id", pa.string()), ("url", pa.string()), ("title", pa.string()), ("text", pa.string())])
 LINE_SCHEMA = pa.schema([("row", pa.int64()), ("text", pa.string())])
@@ -77,46 +97,262 @@ def ingest_simpsons_task(config: SimpsonsConfig, root: str | None = None, inputs
     return ref_for(root, stage, fp)
 
 
-def _articles(ref: StageRef):
-    for batch in pq.ParquetFile(ref.dir / "articles.parquet").iter_batches(batch_size=WRITE_BATCH, columns=["id", "text"]):
-        yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
+# ---------------------------------------------------------------------------- prepare
+
+CORPORA = ("wikipedia", "simpsons")
+SOURCE_FILES = {"wikipedia": "articles.parquet", "simpsons": "lines.parquet"}  # in the ingest outputs
+PIECES, SCRATCH = ".pieces", ".parts"  # under `work`: shards that parts share, a part's shard writer; removed at the end
+ALL = 2**62  # "every document" for a reader's stop
+PART_TASK = {"cache_policy": NO_CACHE, "persist_result": False}  # they write into a staging directory: never cached
 
 
-def _lines(ref: StageRef):
-    for batch in pq.ParquetFile(ref.dir / "lines.parquet").iter_batches(batch_size=WRITE_BATCH, columns=["text"]):
-        yield from batch.column(0).to_pylist()
+def corpus_documents(corpus: str, source: StageRef, config: PrepareConfig) -> int:
+    """How many documents the corpus has: articles, or groups of lines_per_doc lines (from the Parquet footer)."""
+    rows = pq.ParquetFile(source.dir / SOURCE_FILES[corpus]).metadata.num_rows
+    return rows if corpus == "wikipedia" else -(-rows // config.lines_per_doc)
 
 
-@task(name="prepare", cache_key_fn=stage_cache_key("prepare"), persist_result=True)
-def prepare_task(config: PrepareConfig, inputs: dict[str, StageRef], root: str | None = None) -> StageRef:
-    stage, root = "prepare", data_root(root)
-    fp = stage_fingerprint(stage, config, inputs)
-    if ref := complete_ref(root, stage, fp):
-        return ref
-    log, started = get_run_logger(), time.monotonic()
-    with staging(root, stage, fp) as tmp:
-        (tmp / "corpora").mkdir()
-        corpora = {
-            "wikipedia": write_corpus(_articles(inputs["wikipedia"]), tmp / "corpora" / "wikipedia.parquet"),
-            "simpsons": write_corpus(group_lines(_lines(inputs["simpsons"]), config.lines_per_doc, "simpsons"),
-                                     tmp / "corpora" / "simpsons.parquet"),
-        }
-        char_counts = Counter()
-        for name in corpora:
-            char_counts.update(corpus_char_counts(tmp / "corpora" / f"{name}.parquet"))
-        vocab = build_vocab(char_counts, config.min_count)
-        vocab.save(tmp / "vocab.json")
-        log.info("vocabulary: %d entries (%s)", vocab.size, vocab.fingerprint)
+def plan(config: PrepareConfig, inputs: dict[str, StageRef]) -> list[Part]:
+    """The parts of both corpora, docs_per_part documents each, in corpus order."""
+    return plan_parts({c: corpus_documents(c, inputs[c], config) for c in CORPORA}, config.docs_per_part)
+
+
+def _source_file(corpus: str, source: StageRef) -> str:
+    """The input file a corpus is read from, as messages name it (a URL for an input in an object store)."""
+    return f"{source.path.rstrip('/')}/{SOURCE_FILES[corpus]}"
+
+
+def _documents(corpus: str, source: StageRef, config: PrepareConfig, start: int, stop: int) -> Iterator[tuple[list[str], list[str]]]:
+    """Batches of (doc_ids, texts) of documents [start, stop) of a corpus, read from its ingest output (downloaded if remote)."""
+    path = source.dir / SOURCE_FILES[corpus]
+    if corpus == "wikipedia":
+        return wikipedia_documents(path, start, stop)
+    return simpsons_documents(path, start, stop, config.lines_per_doc)
+
+
+@contextlib.contextmanager
+def _naming(what: str) -> Iterator[None]:
+    """Any error of the block as a PrepareError that starts with `what` (the part and the file it reads)."""
+    try:
+        yield
+    except Exception as exc:
+        raise PrepareError(f"prepare: {what}: {type(exc).__name__}: {exc}") from exc
+
+
+# -- work locations: a local folder, or a folder in the artifact root's object store
+
+
+def _is_url(location: str) -> bool:
+    return "://" in location and not location.startswith("file://")
+
+
+def _store(location: str):
+    from model.store.remote import parse_root
+
+    return parse_root(location)
+
+
+@contextlib.contextmanager
+def work_folder(work: str) -> Iterator[Path]:
+    """A local folder standing for `work`: the folder itself, or for a URL a temporary one uploaded there on success."""
+    if not _is_url(work):
+        Path(work).mkdir(parents=True, exist_ok=True)
+        yield Path(work)
+        return
+    store = _store(work)
+    with tempfile.TemporaryDirectory(prefix="homer-part-") as tmp:
+        yield Path(tmp)
+        files = [f for f in sorted(Path(tmp).rglob("*")) if f.is_file()]
+        if files:
+            store.fs.put([str(f) for f in files], [store.path(f.relative_to(tmp).as_posix()) for f in files])
+
+
+@contextlib.contextmanager
+def work_file(work: str, rel: str) -> Iterator[Path]:
+    """The file `<work>/<rel>` as a local path (for a URL: a temporary download)."""
+    if not _is_url(work):
+        yield Path(work) / rel
+        return
+    store = _store(work)
+    with tempfile.TemporaryDirectory(prefix="homer-part-") as tmp:
+        local = Path(tmp) / Path(rel).name
+        store.fs.get(store.path(rel), str(local))
+        yield local
+
+
+@contextlib.contextmanager
+def work_files(work: str, under: str) -> Iterator[Path]:
+    """The files under `<work>/<under>` as a local folder (for a URL: a temporary download)."""
+    if not _is_url(work):
+        yield Path(work) / under
+        return
+    store = _store(work)
+    with tempfile.TemporaryDirectory(prefix="homer-part-") as tmp:
+        base = store.path(under)
+        found = store.fs.find(base) if store.fs.exists(base) else []
+        if found:
+            store.fs.get(found, [str(Path(tmp) / f[len(base):].lstrip("/")) for f in found])
+        yield Path(tmp)
+
+
+def fetch_work(work: str, dest: Path) -> None:
+    """Copy every file of a work URL into dest, but the scratch folders (.pieces, .parts)."""
+    store = _store(work)
+    base = store.path()
+    found = [f for f in store.fs.find(base) if f[len(base):].lstrip("/").split("/", 1)[0] not in (PIECES, SCRATCH)]
+    if found:
+        store.fs.get(found, [str(dest / f[len(base):].lstrip("/")) for f in found])
+
+
+def store_work_location(root: Path, fp: str) -> str | None:
+    """For a root in an object store: a fresh writer's folder under the output, `<url>/prepare/<fp>/upload-<time>-<id>`."""
+    remote = remote_of(root)
+    if remote is None:
+        return None
+    from model.store.remote import UPLOAD_PREFIX
+
+    return f"{remote.url}/prepare/{fp}/{UPLOAD_PREFIX}{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_work(work: str) -> None:
+    store = _store(work)
+    with contextlib.suppress(FileNotFoundError):
+        store.fs.rm(store.path(), recursive=True)
+
+
+# -- the mapped tasks
+
+
+@task(name="prepare-corpus", task_run_name="corpus-{corpus}", **PART_TASK)
+def prepare_corpus_task(corpus: str, source: StageRef, config: PrepareConfig, work: str) -> dict:
+    """Write `corpora/<corpus>.parquet` (doc_id, text) at `work`; returns its documents and characters."""
+    with _naming(f"the {corpus} corpus, read from {_source_file(corpus, source)}"), work_folder(work) as out:
+        batches = _documents(corpus, source, config, 0, ALL)
+        (out / "corpora").mkdir(exist_ok=True)
+        return write_corpus((doc for ids, texts in batches for doc in zip(ids, texts)), out / "corpora" / f"{corpus}.parquet")
+
+
+@task(name="prepare-count", task_run_name="count-{part.name}", **PART_TASK)
+def prepare_count_task(part: Part, source: StageRef, config: PrepareConfig) -> dict:
+    """A part's character counts, and its documents and windows per split (model.data.prepare.count_part); writes nothing."""
+    with _naming(f"{part.describe()}, read from {_source_file(part.corpus, source)}"):
+        return count_part(_documents(part.corpus, source, config, part.start, part.stop), config)
+
+
+@task(name="prepare-vocab", **PART_TASK)
+def prepare_vocab_task(char_counts: list[dict[str, int]], min_count: int, work: str) -> dict:
+    """The vocabulary from every part's character counts: `vocab.json` at `work`; returns its size and fingerprint."""
+    counts: Counter = Counter()
+    for part in char_counts:
+        counts.update(part)
+    vocab = build_vocab(counts, min_count)
+    with work_folder(work) as out:
+        vocab.save(out / "vocab.json")
+    return {"size": vocab.size, "fingerprint": vocab.fingerprint}
+
+
+@task(name="prepare-shards", task_run_name="shards-{part.name}", **PART_TASK)
+def prepare_shards_task(part: Part, source: StageRef, place: dict[str, dict[str, int]], config: PrepareConfig, work: str) -> dict:
+    """Encode a part and write its shards at `work` where shard_layout placed them (`place`); returns its counts."""
+    with _naming(f"{part.describe()}, read from {_source_file(part.corpus, source)}"):
+        with work_file(work, "vocab.json") as vocab_path:
+            vocab = Vocab.load(vocab_path)
+        batches = _documents(part.corpus, source, config, part.start, part.stop)
+        with work_folder(work) as out:
+            return write_part_shards(batches, vocab, out / "shards" / part.corpus, out / PIECES / part.corpus,
+                                     out / SCRATCH / part.name, part, place, config)
+
+
+@task(name="prepare-merge", task_run_name="merge-{corpus}", **PART_TASK)
+def prepare_merge_task(corpus: str, totals: dict[str, dict[str, int]], vocab_fingerprint: str, config: PrepareConfig, work: str) -> int:
+    """Join the pieces of the shards the corpus's parts share; returns how many shards that made."""
+    with _naming(f"merging the {corpus} shards that parts share"):
+        with work_files(work, f"{PIECES}/{corpus}") as pieces, work_folder(work) as out:
+            merged = merge_pieces(pieces, out / "shards" / corpus, out / SCRATCH / f"merge-{corpus}", corpus, totals,
+                                  vocab_fingerprint, config)
+        return merged
+
+
+# -- the steps, and the stage task
+
+
+class Sequential:
+    """A runner for write_prepare that runs every task at once, in this process (prepare_task on its own)."""
+
+    def map(self, task_, *mapped: list, **fixed: Any) -> list:
+        return [task_.fn(*args, **fixed) for args in zip(*mapped)]
+
+    def call(self, task_, *args: Any, **kwargs: Any) -> Any:
+        return task_.fn(*args, **kwargs)
+
+    def gather(self, handle: list) -> list:
+        return handle
+
+    def settle(self) -> None:
+        pass
+
+
+def write_prepare(config: PrepareConfig, inputs: dict[str, StageRef], root: Path, fp: str, runner, work_in_store: bool = False) -> StageRef:
+    """Write the prepare output `fp`: corpora, vocabulary, shards and manifest; publish it; return its ref.
+
+    runner.map(task, *lists, **fixed) starts a task per element of the lists, runner.gather
+    waits for them and returns their results (raising the first failure once all have
+    stopped), runner.call runs one task, runner.settle waits for every task started.
+    work_in_store: the mapped tasks write into a folder in the root's object store (they may
+    run on other machines), copied here at the end.
+    """
+    log, started = _logger(), time.monotonic()
+    parts = plan(config, inputs)
+    log.info("prepare: %d part(s) of at most %d documents: %s", len(parts), config.docs_per_part,
+             ", ".join(f"{c} {sum(p.corpus == c for p in parts)}" for c in CORPORA))
+    with staging(root, "prepare", fp) as tmp:
+        work = (store_work_location(root, fp) if work_in_store else None) or str(tmp)
+        try:
+            corpora = runner.map(prepare_corpus_task, list(CORPORA), [inputs[c] for c in CORPORA], config=config, work=work)
+            counted = runner.gather(runner.map(prepare_count_task, parts, [inputs[p.corpus] for p in parts], config=config))
+            layout = shard_layout(parts, counted, config)
+            vocab = runner.call(prepare_vocab_task, [c["char_counts"] for c in counted], config.min_count, work)
+            log.info("vocabulary: %d entries (%s)", vocab["size"], vocab["fingerprint"])
+            written = runner.gather(runner.map(prepare_shards_task, parts, [inputs[p.corpus] for p in parts],
+                                               [layout[p.name] for p in parts], config=config, work=work))
+            totals = {p.corpus: layout[p.name] for p in parts}  # any part's layout holds its corpus's totals
+            runner.gather(runner.map(prepare_merge_task, list(CORPORA), [totals[c] for c in CORPORA],
+                                     vocab_fingerprint=vocab["fingerprint"], config=config, work=work))
+            corpora = dict(zip(CORPORA, runner.gather(corpora)))
+            if work != str(tmp):
+                fetch_work(work, tmp)
+        except BaseException:
+            runner.settle()  # no task may still be writing when the staging directory (or the store folder) goes
+            raise
+        finally:
+            if work != str(tmp):
+                remove_work(work)
+        for scratch in (PIECES, SCRATCH):
+            shutil.rmtree(tmp / scratch, ignore_errors=True)
         shards = {}
-        for name in corpora:
-            shards[name] = write_shards(tmp / "corpora" / f"{name}.parquet", vocab, tmp / "shards" / name, name, config)
-            log.info("%s: %d train / %d val / %d test windows", name, *(shards[name][s]["windows"] for s in ("train", "val", "test")))
+        for corpus in CORPORA:
+            shards[corpus] = shard_counts([w for p, w in zip(parts, written) if p.corpus == corpus], totals[corpus])
+            for split in ("train", "val", "test"):
+                found = list_shards(tmp / "shards" / corpus, split)  # raises, naming a missing shard
+                if len(found) != totals[corpus][split]["shards"]:
+                    raise PrepareError(f"prepare: {len(found)} {corpus} {split} shards, {totals[corpus][split]['shards']} expected")
+            log.info("%s: %d train / %d val / %d test windows", corpus, *(shards[corpus][s]["windows"] for s in ("train", "val", "test")))
         counts = {
-            "vocab_size": vocab.size,
-            "vocab_fingerprint": vocab.fingerprint,
+            "vocab_size": vocab["size"],
+            "vocab_fingerprint": vocab["fingerprint"],
             "corpora": corpora,
             "shards": shards,
             "seconds": round(time.monotonic() - started, 2),
         }
-        write_manifest(tmp, manifest_for(stage, fp, config, inputs, counts))
-    return ref_for(root, stage, fp)
+        write_manifest(tmp, manifest_for("prepare", fp, config, inputs, counts))
+    return ref_for(root, "prepare", fp)
+
+
+@task(name="prepare", cache_key_fn=stage_cache_key("prepare"), persist_result=True)
+def prepare_task(config: PrepareConfig, inputs: dict[str, StageRef], root: str | None = None) -> StageRef:
+    """The prepare output: the complete one with this fingerprint (the `prepare` flow wrote it), else built here, one part at a time."""
+    stage, root = "prepare", data_root(root)
+    fp = stage_fingerprint(stage, config, inputs)
+    if ref := complete_ref(root, stage, fp):
+        return ref
+    return write_prepare(config, inputs, root, fp, Sequential())

@@ -8,6 +8,16 @@ seq_len (the last window of a document is aligned to its end, so no character is
 its `overlap` says how many of its targets the window before already holds, so an
 evaluation scores each character once), and written one shard at a time.
 
+Fan-out (the `prepare` flow maps one task per part): a part is a fixed range of a corpus's
+documents (`plan_parts`). Counting a part (`count_part`) gives its characters and, per
+split, its windows, which depend only on the documents' ids and lengths; so once every
+part is counted, `shard_layout` knows where each part's windows fall in each split and
+the split's shard count n. A part then writes the shards that lie wholly inside its
+windows under their final names, and the pieces of the (at most two per split) shards it
+shares with a neighbour as `.pieces/` files that `merge_pieces` joins. Shard boundaries
+stay at multiples of rows_per_shard over the whole split, so the shards are byte-identical
+to a one-part run (`write_shards`) whatever the number of parts or workers.
+
 Validation chooses `best/` and early stopping; test is read only by the report.
 
     python -m model.data.prepare CORPUS.parquet VOCAB.json OUT_DIR --seq-len 100
@@ -16,16 +26,19 @@ Validation chooses `best/` and early stopping; test is read only by the report.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from model.data.shards import DEFAULT_ROWS_PER_SHARD, ShardWriter
+from model.data.shards import DEFAULT_ROWS_PER_SHARD, ShardWriter, shard_name
 from model.data.vocab import Vocab, count_chars
 
 CORPUS_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string())])
@@ -47,6 +60,15 @@ class PrepareConfig(BaseModel):
     lines_per_doc: int = Field(20, ge=1, description="consecutive lines of the character grouped into one document")
     rows_per_shard: int = Field(DEFAULT_ROWS_PER_SHARD, ge=1, description="windows per Parquet shard (bounds memory while writing)")
     split_salt: str = Field("homer", description="salt of the document hash that assigns train/val/test; change it for another split")
+    # Where and in how many pieces the work runs, not what it makes: the output is byte-identical whatever these say.
+    docs_per_part: int = Field(20_000, ge=1, description="documents per part: prepare runs one task per part of each corpus (the output does not depend on it)",
+                               json_schema_extra={"fingerprint": False})
+    task_runner: Literal["threads", "dask"] = Field("threads", description="where the parts run: threads of the flow's process, or a Dask cluster (pip install 'recurrent-homer[dask]')",
+                                                    json_schema_extra={"fingerprint": False})
+    dask_address: str | None = Field(None, description="with task_runner dask: the scheduler's address (tcp://host:8786); empty = a local Dask cluster started for the run",
+                                     json_schema_extra={"fingerprint": False})
+    max_workers: int | None = Field(None, ge=1, le=4096, description="parts at once: threads, or the local Dask cluster's worker processes; empty = one per CPU core",
+                                    json_schema_extra={"fingerprint": False})
 
     @model_validator(mode="after")
     def _room_to_train(self) -> "PrepareConfig":
@@ -81,10 +103,10 @@ def _corpus_table(batch: list[tuple[str, str]]) -> pa.Table:
     return pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(texts, pa.string())], schema=CORPUS_SCHEMA)
 
 
-def group_lines(lines: Iterator[str], lines_per_doc: int, prefix: str) -> Iterator[tuple[str, str]]:
-    """Consecutive lines joined by newlines, `lines_per_doc` at a time."""
+def group_lines(lines: Iterator[str], lines_per_doc: int, prefix: str, first: int = 0) -> Iterator[tuple[str, str]]:
+    """Consecutive lines joined by newlines, `lines_per_doc` at a time; ids count from document `first`."""
     group: list[str] = []
-    index = 0
+    index = first
     for line in lines:
         group.append(line)
         if len(group) == lines_per_doc:
@@ -123,6 +145,11 @@ def split_of(doc_ids: list[str], val_fraction: float, test_fraction: float, salt
     return np.where(hashes < val_limit, 1, np.where(hashes < test_limit, 2, 0)).astype(np.int8)
 
 
+def window_counts(lengths: np.ndarray, seq_len: int) -> np.ndarray:
+    """(D,) windows per document: ceil((L - 1) / seq_len), none below seq_len + 1 characters."""
+    return np.where(lengths >= seq_len + 1, -(-(lengths - 1) // seq_len), 0)
+
+
 def window_starts(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where each window begins in the concatenated ids, its document, and its overlap.
 
@@ -134,7 +161,7 @@ def window_starts(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.nda
     give no window.
     """
     width = seq_len + 1
-    n_windows = np.where(lengths >= width, -(-(lengths - 1) // seq_len), 0)  # (D,) ceil((L-1)/seq_len)
+    n_windows = window_counts(lengths, seq_len)  # (D,)
     doc_of = np.repeat(np.arange(len(lengths)), n_windows)  # (W,)
     k = np.arange(len(doc_of)) - np.repeat(np.cumsum(n_windows) - n_windows, n_windows)  # window index in its document
     offset = np.minimum(k * seq_len, lengths[doc_of] - width)  # (W,) the last window aligned to the end
@@ -194,17 +221,285 @@ def write_shards(corpus_path: Path, vocab: Vocab, out_dir: Path, corpus: str, cf
         if not stats[split]["windows"]:
             for w in writers.values():
                 w.__exit__(PrepareError, None, None)
-            raise PrepareError(
-                f"prepare: the {corpus} corpus gives no {split} window: prepare.seq_len={cfg.seq_len} needs documents of "
-                f"at least {cfg.seq_len + 1} characters (the longest has {longest}) in each split "
-                f"({stats[split]['documents']} {split} documents); lower prepare.seq_len"
-                + (", raise prepare.lines_per_doc" if corpus == "simpsons" else "")
-                + (f", or raise prepare.{split}_fraction" if split != "train" else ", or lower prepare.val_fraction and prepare.test_fraction")
-            )
+            raise no_window_error(corpus, split, cfg, longest, stats[split]["documents"])
     out = {}
     for split, writer in writers.items():
         shards = writer.close()
         out[split] = dict(stats[split], shards=len(shards))
+    out["oov_rate"] = unknown / total if total else 0.0
+    return out
+
+
+def no_window_error(corpus: str, split: str, cfg: PrepareConfig, longest: int, documents: int) -> PrepareError:
+    return PrepareError(
+        f"prepare: the {corpus} corpus gives no {split} window: prepare.seq_len={cfg.seq_len} needs documents of "
+        f"at least {cfg.seq_len + 1} characters (the longest has {longest}) in each split "
+        f"({documents} {split} documents); lower prepare.seq_len"
+        + (", raise prepare.lines_per_doc" if corpus == "simpsons" else "")
+        + (f", or raise prepare.{split}_fraction" if split != "train" else ", or lower prepare.val_fraction and prepare.test_fraction")
+    )
+
+# ---------------------------------------------------------------------------- fan-out: parts
+
+
+class Part(BaseModel):
+    """Documents [start, stop) of one corpus, in corpus order: what one mapped task reads."""
+
+    model_config = ConfigDict(frozen=True)
+
+    corpus: str
+    index: int  # the part's number within its corpus
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.corpus}-{self.index:05d}"
+
+    def describe(self) -> str:
+        return f"part {self.name} (documents {self.start}-{max(self.start, self.stop - 1)} of the {self.corpus} corpus)"
+
+
+def plan_parts(documents: dict[str, int], docs_per_part: int) -> list[Part]:
+    """Each corpus (name -> its number of documents) cut into parts of docs_per_part documents; one part at least."""
+    parts = []
+    for corpus, n in documents.items():
+        for i in range(max(1, -(-n // docs_per_part))):
+            parts.append(Part(corpus=corpus, index=i, start=i * docs_per_part, stop=min(n, (i + 1) * docs_per_part)))
+    return parts
+
+
+def read_rows(path: Path, columns: list[str], start: int, stop: int, batch_rows: int = READ_BATCH_ROWS) -> Iterator[list[list]]:
+    """Rows [start, stop) of a Parquet file as batches of column lists, reading only the row groups that hold them."""
+    parquet = pq.ParquetFile(path)
+    groups, first, row = [], None, 0
+    for group in range(parquet.metadata.num_row_groups):
+        rows = parquet.metadata.row_group(group).num_rows
+        if row < stop and row + rows > start:
+            groups.append(group)
+            first = row if first is None else first
+        row += rows
+    if not groups:
+        return
+    row = first
+    for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
+        lo, hi = max(start, row), min(stop, row + batch.num_rows)
+        if lo < hi:
+            part = batch.slice(lo - row, hi - lo)
+            yield [part.column(i).to_pylist() for i in range(len(columns))]
+        row += batch.num_rows
+        if row >= stop:
+            break
+
+
+def wikipedia_documents(path: Path, start: int, stop: int) -> Iterator[tuple[list[str], list[str]]]:
+    """Batches of (doc_ids, texts) of articles [start, stop) of an `articles.parquet`: one document per article."""
+    for ids, texts in read_rows(path, ["id", "text"], start, stop):
+        yield ids, texts
+
+
+def simpsons_documents(path: Path, start: int, stop: int, lines_per_doc: int) -> Iterator[tuple[list[str], list[str]]]:
+    """Batches of (doc_ids, texts) of documents [start, stop) of a `lines.parquet`, numbered as group_lines numbers them."""
+    lines = (text for (texts,) in read_rows(path, ["text"], start * lines_per_doc, stop * lines_per_doc) for text in texts)
+    batch: list[tuple[str, str]] = []
+    for doc in group_lines(lines, lines_per_doc, "simpsons", first=start):
+        batch.append(doc)
+        if len(batch) == READ_BATCH_ROWS:
+            yield [d for d, _ in batch], [t for _, t in batch]
+            batch = []
+    if batch:
+        yield [d for d, _ in batch], [t for _, t in batch]
+
+
+def count_part(batches: Iterator[tuple[list[str], list[str]]], cfg: PrepareConfig) -> dict:
+    """A part's character counts (for the vocabulary) and, per split, its documents and windows (no vocabulary needed).
+
+    Returns {"documents", "longest", "splits": {split: {"documents", "windows"}}, "char_counts": {char: n}}.
+    """
+    chars: Counter = Counter()
+    splits = {split: {"documents": 0, "windows": 0} for split in SPLITS}
+    documents = longest = 0
+    for doc_ids, texts in batches:
+        chars.update(count_chars(["".join(texts)]))
+        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))  # (D,)
+        doc_split = split_of(doc_ids, cfg.val_fraction, cfg.test_fraction, cfg.split_salt)  # (D,)
+        n_windows = window_counts(lengths, cfg.seq_len)  # (D,)
+        for index, split in enumerate(SPLITS):
+            docs = doc_split == index
+            splits[split]["documents"] += int(docs.sum())
+            splits[split]["windows"] += int(n_windows[docs].sum())
+        documents += len(texts)
+        longest = max(longest, int(lengths.max(initial=0)))
+    return {"documents": documents, "longest": longest, "splits": splits, "char_counts": dict(chars)}
+
+
+def shard_layout(parts: list[Part], counted: list[dict], cfg: PrepareConfig) -> dict[str, dict[str, dict[str, int]]]:
+    """Where each part's windows go: {part name: {split: {"offset", "windows", "total", "shards"}}}.
+
+    `offset` is the index of the part's first window in the split of its corpus (parts in
+    corpus order), `total` the split's windows and `shards` its shard count n. Raises the
+    PrepareError of write_shards when a corpus gives a split no window.
+    """
+    layout: dict[str, dict[str, dict[str, int]]] = {}
+    for corpus in dict.fromkeys(p.corpus for p in parts):
+        mine = sorted(((p, c) for p, c in zip(parts, counted) if p.corpus == corpus), key=lambda pc: pc[0].index)
+        longest = max(c["longest"] for _, c in mine)
+        totals = {split: sum(c["splits"][split]["windows"] for _, c in mine) for split in SPLITS}
+        for split in SPLITS:
+            if not totals[split]:
+                raise no_window_error(corpus, split, cfg, longest, sum(c["splits"][split]["documents"] for _, c in mine))
+        offsets = dict.fromkeys(SPLITS, 0)
+        for part, c in mine:
+            layout[part.name] = {}
+            for split in SPLITS:
+                windows = c["splits"][split]["windows"]
+                layout[part.name][split] = {"offset": offsets[split], "windows": windows, "total": totals[split],
+                                            "shards": -(-totals[split] // cfg.rows_per_shard)}
+                offsets[split] += windows
+    return layout
+
+
+PIECE_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<j>\d{5})-(?P<start>\d{12})\.npz$")
+
+
+class _PartSplit:
+    """A part's windows of one split, routed by where they fall in the split's shards.
+
+    Windows [offset, offset + windows) of the split; shard j holds [j * R, min((j + 1) * R, total)).
+    The shards that lie wholly inside go to a ShardWriter that starts on a shard boundary (so
+    its shards are the split's), then take their final names; the windows before the first
+    boundary (head) and after the last (tail) belong to shards shared with a neighbouring
+    part and are saved as pieces, `<split>-<j:05d>-<start:012d>.npz`, for merge_pieces.
+    """
+
+    def __init__(self, split: str, place: dict[str, int], shards_dir: Path, pieces_dir: Path, scratch: Path,
+                 corpus: str, vocab_fingerprint: str, cfg: PrepareConfig):
+        r = cfg.rows_per_shard
+        self.split, self.rows_per_shard, self.shards_dir, self.pieces_dir = split, r, shards_dir, pieces_dir
+        self.offset, self.end, self.total, self.n = place["offset"], place["offset"] + place["windows"], place["total"], place["shards"]
+        self.head_end = min(-(-self.offset // r) * r, self.end)  # the first shard boundary at or after offset
+        self.body_end = max(self.head_end, self.total if self.end == self.total else self.end // r * r)
+        self.cursor = self.offset
+        self.head: list[tuple[np.ndarray, np.ndarray]] = []
+        self.tail: list[tuple[np.ndarray, np.ndarray]] = []
+        self.writer = ShardWriter(scratch / split, split, seq_len=cfg.seq_len, corpus=corpus,
+                                  vocab_fingerprint=vocab_fingerprint, rows_per_shard=r)
+
+    def add(self, windows: np.ndarray, overlap: np.ndarray) -> None:
+        start, stop = self.cursor, self.cursor + len(windows)
+        if stop > self.end:
+            raise PrepareError(f"{self.split}: more windows than counted ({stop - self.offset} > {self.end - self.offset}); "
+                               f"did the input change while prepare ran?")
+        a, b = (int(np.clip(cut - start, 0, len(windows))) for cut in (self.head_end, self.body_end))
+        if a:
+            self.head.append((windows[:a], overlap[:a]))
+        self.writer.add(windows[a:b], overlap[a:b])
+        if b < len(windows):
+            self.tail.append((windows[b:], overlap[b:]))
+        self.cursor = stop
+
+    def close(self) -> int:
+        """Name the whole shards, save the pieces; returns the number of whole shards."""
+        first = self.head_end // self.rows_per_shard
+        written = self.writer.close()
+        for i, path in enumerate(written):
+            os.replace(path, self.shards_dir / shard_name(self.split, first + i, self.n))
+        for start, chunks in ((self.offset, self.head), (self.body_end, self.tail)):
+            if chunks:
+                self.pieces_dir.mkdir(parents=True, exist_ok=True)
+                piece = self.pieces_dir / f"{self.split}-{start // self.rows_per_shard:05d}-{start:012d}.npz"
+                np.savez(piece, windows=np.concatenate([w for w, _ in chunks]), overlap=np.concatenate([o for _, o in chunks]))
+        return len(written)
+
+    def abort(self) -> None:
+        self.writer.__exit__(PrepareError, None, None)
+
+
+def write_part_shards(batches: Iterator[tuple[list[str], list[str]]], vocab: Vocab, shards_dir: Path, pieces_dir: Path,
+                      scratch: Path, part: Part, place: dict[str, dict[str, int]], cfg: PrepareConfig) -> dict:
+    """Encode a part's documents and write its windows as shard_layout placed them (see _PartSplit).
+
+    Returns {"splits": {split: counts as write_shards counts them}, "unknown", "total" (characters), "whole_shards"}.
+    """
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    routers = {split: _PartSplit(split, place[split], shards_dir, pieces_dir, scratch, part.corpus, vocab.fingerprint, cfg)
+               for split in SPLITS}
+    stats = {s: Counter() for s in SPLITS}
+    unknown = total = 0
+    try:
+        for doc_ids, texts in batches:
+            ids, lengths = encode_batch(vocab, texts)
+            unknown += int(np.count_nonzero(ids == vocab.unk_id))
+            total += len(ids)
+            doc_split = split_of(doc_ids, cfg.val_fraction, cfg.test_fraction, cfg.split_salt)  # (D,)
+            starts, doc_of, overlap = window_starts(lengths, cfg.seq_len)
+            window_split = doc_split[doc_of]  # (W,)
+            short = lengths < cfg.seq_len + 1
+            for index, split in enumerate(SPLITS):
+                docs, rows = doc_split == index, window_split == index
+                routers[split].add(gather_windows(ids, starts[rows], cfg.seq_len), overlap[rows])
+                long_docs = docs & ~short
+                stats[split].update(documents=int(docs.sum()), chars=int(lengths[docs].sum()), windows=int(rows.sum()),
+                                    scored_chars=int((lengths[long_docs] - 1).sum()),
+                                    short_documents=int((short & docs).sum()),
+                                    chars_in_short_documents=int(lengths[short & docs].sum()))
+        for split in SPLITS:
+            if stats[split]["windows"] != place[split]["windows"]:
+                raise PrepareError(f"{split}: {stats[split]['windows']} windows, but counting found {place[split]['windows']}; "
+                                   f"did the input change while prepare ran?")
+    except BaseException:
+        for router in routers.values():
+            router.abort()
+        raise
+    whole = sum(router.close() for router in routers.values())
+    shutil.rmtree(scratch, ignore_errors=True)
+    return {"splits": {s: dict(stats[s]) for s in SPLITS}, "unknown": unknown, "total": total, "whole_shards": whole}
+
+
+def merge_pieces(pieces_dir: Path, shards_dir: Path, scratch: Path, corpus: str, totals: dict[str, dict[str, int]],
+                 vocab_fingerprint: str, cfg: PrepareConfig) -> int:
+    """Join the pieces of the shards that parts share into whole shards with their final names; returns how many.
+
+    totals: {split: {"total", "shards"}} (shard_layout's). A piece missing or out of place is a PrepareError.
+    """
+    r = cfg.rows_per_shard
+    groups: dict[tuple[str, int], list[tuple[int, Path]]] = {}
+    for path in sorted(pieces_dir.iterdir()) if pieces_dir.is_dir() else []:
+        if m := PIECE_RE.match(path.name):
+            groups.setdefault((m["split"], int(m["j"])), []).append((int(m["start"]), path))
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    for (split, j), found in sorted(groups.items()):
+        want = min((j + 1) * r, totals[split]["total"])
+        windows, overlaps, at = [], [], j * r
+        for start, path in sorted(found):
+            if start != at:
+                raise PrepareError(f"{path}: a piece of {corpus} {split} shard {j} starting at window {start}, where {at} "
+                                   f"was expected; the pieces of windows {at}-{start - 1} are missing")
+            with np.load(path) as data:
+                windows.append(data["windows"])
+                overlaps.append(data["overlap"])
+            at += len(windows[-1])
+        if at != want:
+            raise PrepareError(f"{pieces_dir}: the pieces of {corpus} {split} shard {j} end at window {at}, not {want}")
+        writer = ShardWriter(scratch / f"merge-{split}-{j:05d}", split, seq_len=cfg.seq_len, corpus=corpus,
+                             vocab_fingerprint=vocab_fingerprint, rows_per_shard=r)
+        writer.add(np.concatenate(windows), np.concatenate(overlaps))
+        (only,) = writer.close()
+        os.replace(only, shards_dir / shard_name(split, j, totals[split]["shards"]))
+    shutil.rmtree(scratch, ignore_errors=True)
+    return len(groups)
+
+
+def shard_counts(results: list[dict], totals: dict[str, dict[str, int]]) -> dict:
+    """One corpus's counts from its parts' write_part_shards results, as write_shards reports them."""
+    stats = {s: Counter() for s in SPLITS}
+    unknown = total = 0
+    for result in results:
+        for split in SPLITS:
+            stats[split].update(result["splits"][split])
+        unknown += result["unknown"]
+        total += result["total"]
+    out: dict = {split: dict(stats[split], shards=totals[split]["shards"]) for split in SPLITS}
     out["oov_rate"] = unknown / total if total else 0.0
     return out
 
