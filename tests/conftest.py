@@ -25,6 +25,7 @@ os.environ["KAGGLEHUB_CACHE"] = str(_SESSION_HOME / "kagglehub")
 # so another process on the machine cannot change a test's thread count (and its floating-point results).
 os.environ["HOMER_TRAINING_REGISTRY"] = str(_SESSION_HOME / "trainings")
 os.environ.pop("HOMER_DATA_DIR", None)
+os.environ["HOMER_CACHE_DIR"] = str(_SESSION_HOME / "cache")  # store mirrors and the shards' .npy copies
 # The session's test server runs no lease reaper, so a killed run's lease would never come free: host locks only
 # (the end-to-end tests run `prefect server start`, which has one, and use the leases).
 os.environ["HOMER_OUTPUT_LOCK"] = "host"

@@ -17,6 +17,12 @@ position in the epoch, LR, RNG states): on CPU the final weights are bit-for-bit
 an uninterrupted run. A finished run is returned as is. Fine-tuning is `init_from=<checkpoint
 dir>`: its weights, a fresh optimizer and its own TrainConfig.
 
+Several processes (DDP) run this same loop, one per rank: `ranks=` (a `Ranks`) is the handful of
+hooks where they split the work or must agree (each rank's slice of the global batch, a per-step
+reseed, the mean of the logged losses, the sums of the validation scores, the stop flag, a
+barrier after rank 0 writes). The default `Ranks()` is one process, and there every hook does
+nothing. model/training/distributed.py provides the DDP ranks and launches them under torchrun.
+
 Run it directly (Ctrl-C or SIGTERM saves last/ and stops; run again to resume):
 
     python -m model.training.loop --shards data/prepare/<fp>/shards/homer --vocab data/prepare/<fp>/vocab.json \\
@@ -45,14 +51,16 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 from model.network.checkpoint import (check_compatible, load_checkpoint, read_state, resolve_checkpoint, rng_snapshot,
                                      save_checkpoint)
 from model.network.rnn import CharRNN, ModelConfig, build_model
 from model.training.overrides import apply_sets
 from model.training.threads import CoreShare
-from model.data.shards import ShardError, read_overlap, read_split
+from model.data.shards import ShardError, SplitWindows, open_split, read_overlap
 from model.data.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -73,6 +81,17 @@ class TrainConfig(BaseModel):
         "auto", description="auto: fp32 (with TF32 matmuls on CUDA when allow_tf32); bf16/fp16 autocast need CUDA (fp16 uses a GradScaler)")
     allow_tf32: bool = Field(True, description="let CUDA matmuls and cuDNN use TF32 for fp32 math")
     device: str = Field("auto", description="torch device (cpu, cuda, cuda:1, ...); auto picks cuda when available")
+    # Several processes (DDP under torchrun): model/training/distributed.py. The world size changes the floating
+    # point (how the gradient is summed), so it is part of the fingerprint; where the processes meet is not.
+    nproc_per_node: PositiveInt = Field(1, description="training processes on each machine (DDP: gloo on CPU, NCCL on GPU "
+                                        "with cuda:LOCAL_RANK each); 1 = train in the task's own process. batch_size is "
+                                        "the global batch: each process takes batch_size / (nproc_per_node × nnodes)")
+    nnodes: PositiveInt = Field(1, description="machines training together (each runs the same stage); more than 1 needs rdzv_endpoint")
+    rdzv_endpoint: str | None = Field(None, description="host:port where the machines' processes meet (torchrun's c10d "
+                                      "rendezvous, hosted by the machine that is host); empty = a free local port (one machine)",
+                                      json_schema_extra={"fingerprint": False})
+    rdzv_id: str | None = Field(None, description="the rendezvous id, the same on every machine; empty = the output "
+                                "directory's name (its fingerprint)", json_schema_extra={"fingerprint": False})
     eval_every_steps: NonNegativeInt = Field(0, description="validate every this many steps too; 0 = only at epoch end")
     # How often to save and log changes how a run goes, not what it makes: not part of the stage fingerprint.
     checkpoint_every_steps: NonNegativeInt = Field(200, description="write last/ every this many steps; 0 = only at epoch end",
@@ -94,6 +113,73 @@ class TrainConfig(BaseModel):
             except RuntimeError as exc:
                 raise ValueError(f"not a torch device: {exc}") from None
         return value
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value:
+            host, sep, port = value.rpartition(":")
+            if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"expected host:port (a port from 1 to 65535), got {value!r}")
+        return value or None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _fields_together(cls, data, handler):
+        """Checks of several fields together, reported with every other problem at once (pydantic runs an
+        `after` validator only when all fields are valid, so this one wraps the field validation)."""
+        try:
+            cfg, errors = handler(data), []
+        except ValidationError as exc:
+            if not isinstance(data, dict):
+                raise
+            failed = {e["loc"][0] for e in exc.errors() if e["loc"]}
+            cfg, errors = cls.model_construct(**{k: v for k, v in data.items() if k in cls.model_fields and k not in failed}), exc.errors()
+            if not _together_problems(cfg):
+                raise
+        problems = _together_problems(cfg)
+        if not problems:
+            return cfg
+        raise ValidationError.from_exception_data(cls.__name__, [*map(_line_error, errors), *(
+            {"type": PydanticCustomError("fields_together", message), "loc": (name,), "input": getattr(cfg, name, None)}
+            for name, message in problems)])
+
+    @property
+    def world_size(self) -> int:
+        """How many processes train together: nproc_per_node × nnodes."""
+        return self.nproc_per_node * self.nnodes
+
+
+def _together_problems(cfg: "TrainConfig") -> list[tuple[str, str]]:
+    """(field, message) for each check of several fields that fails; a field that is not a valid int is skipped."""
+    def value(name: str):
+        v = getattr(cfg, name, None)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+    batch, nproc, nnodes = value("batch_size"), value("nproc_per_node"), value("nnodes")
+    problems = []
+    if batch and nproc and nnodes and batch % (nproc * nnodes):
+        problems.append(("batch_size", f"batch_size {batch} is the global batch, and must be divisible by the world size "
+                                       f"nproc_per_node × nnodes = {nproc} × {nnodes} = {nproc * nnodes}: each process "
+                                       f"trains on an equal slice of it"))
+    if nnodes and nnodes > 1 and not getattr(cfg, "rdzv_endpoint", None):
+        problems.append(("rdzv_endpoint", f"nnodes={nnodes} needs rdzv_endpoint: the host:port where the machines meet, "
+                                          f"reachable from each of them"))
+    device = getattr(cfg, "device", None)
+    if nproc and nproc > 1 and isinstance(device, str) and device.startswith("cuda:"):
+        problems.append(("device", f"device={device} names one GPU, but with nproc_per_node={nproc} each process takes "
+                                   f"its own (cuda:LOCAL_RANK): use device=cuda or auto"))
+    return problems
+
+
+def _line_error(error: dict) -> dict:
+    """A pydantic error (from ValidationError.errors()) as a line error to raise again."""
+    detail = {"type": error["type"], "loc": error["loc"], "input": error["input"], **({"ctx": error["ctx"]} if "ctx" in error else {})}
+    try:
+        ValidationError.from_exception_data("check", [detail])
+    except (KeyError, TypeError, ValueError):  # a custom error type: keep its message
+        detail = {"type": PydanticCustomError(error["type"], error["msg"]), "loc": error["loc"], "input": error["input"]}
+    return detail
 
 
 class FinetuneTrainConfig(TrainConfig):
@@ -123,7 +209,7 @@ class NonFiniteLossError(FloatingPointError):
     def __init__(self, step: int, value: float):
         super().__init__(f"training loss (or gradient norm) is {value} at step {step}; lower the learning rate, "
                          f"or resume from the last good checkpoint")
-        self.step = step
+        self.step, self.value = step, value
 
 
 @dataclass
@@ -163,6 +249,50 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
+class Ranks:
+    """The processes that train together, as one of them sees them: by default this one alone.
+
+    The loop calls these hooks where several processes split the work or must agree; here, in
+    one process, each does nothing (the loop runs exactly as it would without them).
+    model/training/distributed.py's DDPRanks implements them with torch.distributed.
+    """
+
+    rank, size = 0, 1
+
+    def device(self, name: str) -> torch.device:
+        return resolve_device(name)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """The module to train through (DDP's wrapper), or None to train `model` itself."""
+        return None
+
+    def share(self, rows: np.ndarray) -> np.ndarray:
+        """This process's contiguous part of `rows` (the validation windows)."""
+        return rows
+
+    def batch(self, idx: np.ndarray) -> tuple[np.ndarray, float]:
+        """This process's slice of a global batch's window indices, and the weight of its mean loss."""
+        return idx, 1.0
+
+    def reseed(self, seed: int, epoch: int, step: int) -> None:
+        """Seed the RNGs before a step (dropout masks), where their state is not carried by the checkpoint."""
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when `flag` is true on any."""
+        return flag
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The element-wise mean of `values` over the processes."""
+        return values
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of `values` over the processes."""
+        return values
+
+    def barrier(self) -> None:
+        """Wait until every process gets here."""
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32.
 
@@ -177,9 +307,10 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def read_windows(shards_dir, split: str, vocab: Vocab) -> np.ndarray:
-    """A split's windows, (N, seq_len + 1) uint16, after checking they use `vocab`."""
-    windows, meta = read_split(shards_dir, split)
+def read_windows(shards_dir, split: str, vocab: Vocab) -> SplitWindows:
+    """A split's windows, (N, seq_len + 1) uint16 and memory-mapped (open_split), after checking they use `vocab`."""
+    windows = open_split(shards_dir, split)
+    meta = windows.meta
     if meta.get("vocab_fingerprint") != vocab.fingerprint:
         raise ShardError(f"shards {shards_dir} were built with vocabulary {meta.get('vocab_fingerprint')} but the "
                          f"vocabulary given is {vocab.fingerprint}; re-run prepare or pass the shards' vocab.json")
@@ -208,11 +339,13 @@ class EvaluationStopped(Exception):
 @torch.no_grad()
 def evaluate(model: CharRNN, windows: np.ndarray, *, batch_size: int, device: torch.device,
              amp: torch.dtype | None = None, overlap: np.ndarray | None = None,
-             should_stop: Callable[[], bool] | None = None, computing: Callable = nullcontext) -> float:
+             should_stop: Callable[[], bool] | None = None, computing: Callable = nullcontext,
+             all_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """Mean loss in nats/char over every scored target.
 
     windows (N, T + 1); overlap (N,) skips each window's leading targets that an earlier
-    window of its document already scored, so every character counts once.
+    window of its document already scored, so every character counts once. With several
+    processes each scores its part of the windows and `all_ranks` sums (nll, chars) over them.
     """
     was_training = model.training
     model.eval()
@@ -231,6 +364,9 @@ def evaluate(model: CharRNN, windows: np.ndarray, *, batch_size: int, device: to
             losses = batch_loss(model, batch, amp, reduction="none").view(len(batch), -1)  # (B, T)
             total += losses.masked_fill(positions[None, :] < skip[:, None], 0.0).sum(dtype=torch.float64)
     model.train(was_training)
+    if all_ranks is not None:
+        total, chars = all_ranks(torch.stack([total, total.new_tensor(float(scored_chars(windows, overlap)))])).tolist()
+        return total / chars
     return total.item() / scored_chars(windows, overlap)
 
 
@@ -372,6 +508,13 @@ class Session:
     stop: bool = False
     cores: CoreShare | None = None  # keeps torch's thread count at this run's share of the machine
     boundary: Boundary | None = None  # set when a stop may come from another thread (see run_stoppable)
+    ranks: Ranks = field(default_factory=Ranks)  # the processes training together (one by default)
+    ddp: torch.nn.Module | None = None  # the DDP wrapper that training steps go through, when there are several
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        """What a training step runs: the model, or its DDP wrapper (which averages the gradients over the ranks)."""
+        return self.model if self.ddp is None else self.ddp
 
     @property
     def metrics_path(self) -> Path:
@@ -396,15 +539,21 @@ def finished_run(out_dir: Path, vocab: Vocab, model_config: ModelConfig) -> Trai
 
 
 def start(*, model_config: ModelConfig, cfg: TrainConfig, shards_dir, out_dir: Path, vocab: Vocab, init_from,
-          callbacks: TrainCallbacks) -> Session:
-    """Read the data, build the model and optimizer, and resume from last/ (or start from init_from)."""
+          callbacks: TrainCallbacks, ranks: Ranks | None = None) -> Session:
+    """Read the data, build the model and optimizer, and resume from last/ (or start from init_from).
+
+    With several ranks each reads every window (the global batches are sliced per step), keeps its
+    part of the validation windows, resumes from the same last/, and trains through DDP.
+    """
+    ranks = ranks or Ranks()
     # Training reads train and val only: the test split never chooses a model.
     train_w, val_w = read_windows(shards_dir, "train", vocab), read_windows(shards_dir, "val", vocab)
     val_overlap = read_overlap(shards_dir, "val")
     if cfg.max_val_windows is not None and len(val_w) > cfg.max_val_windows:
         keep = np.linspace(0, len(val_w) - 1, cfg.max_val_windows).round().astype(np.int64)
         val_w, val_overlap = val_w[keep], val_overlap[keep]
-    device = resolve_device(cfg.device)
+    val_w, val_overlap = ranks.share(val_w), ranks.share(val_overlap)
+    device = ranks.device(cfg.device)
     amp = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
@@ -418,7 +567,7 @@ def start(*, model_config: ModelConfig, cfg: TrainConfig, shards_dir, out_dir: P
                    lr=lr_at_epoch(cfg, 0))
     s = Session(cfg=cfg, model_config=model_config, vocab=vocab, callbacks=callbacks, out_dir=out_dir, train_w=train_w,
                 val_w=val_w, val_overlap=val_overlap, device=device, amp=amp, model=model, optimizer=optimizer,
-                scaler=scaler, run=run)
+                scaler=scaler, run=run, ranks=ranks)
     previous = resolve_checkpoint(out_dir / "last")
     if previous is not None:
         resume(s, previous)
@@ -426,9 +575,11 @@ def start(*, model_config: ModelConfig, cfg: TrainConfig, shards_dir, out_dir: P
         load_checkpoint(init_from, model, vocab=vocab, model_config=model_config)
         log.info("initialised weights from %s", init_from)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("*.tmp-*"):  # left by a crash mid-save
-        shutil.rmtree(stale, ignore_errors=True)
-    _truncate_jsonl(s.metrics_path, s.run.step)
+    if ranks.rank == 0:  # the one writer
+        for stale in out_dir.glob("*.tmp-*"):  # left by a crash mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        _truncate_jsonl(s.metrics_path, s.run.step)
+    s.ddp = ranks.wrap(model)  # after resuming: every rank holds the same weights
     s.clock = _Stopwatch(s.run.metrics.train_seconds)
     s.logged_chars, s.logged_seconds = s.run.metrics.train_chars, s.clock.seconds()
     return s
@@ -465,10 +616,17 @@ def computing(s: Session, kind: str):
             raise _Abandoned
 
 
-def train_step(s: Session, batch: torch.Tensor) -> None:
-    """One optimizer step on batch (B, T + 1); its loss stays on the device until the next flush."""
+def train_step(s: Session, batch: torch.Tensor, weight: float = 1.0, windows: int | None = None) -> None:
+    """One optimizer step on batch (B, T + 1); its loss stays on the device until the next flush.
+
+    With several processes `batch` is this rank's slice of a global batch of `windows` windows,
+    and `weight` scales its mean loss so that DDP's mean of the ranks' gradients is the gradient
+    of the global batch's mean loss (1 when the slices are equal; see DDPRanks.batch).
+    """
     with computing(s, "step"):
-        loss = batch_loss(s.model, batch, s.amp)
+        loss = batch_loss(s.trained, batch, s.amp)
+        if weight != 1.0:
+            loss = loss * weight
         s.optimizer.zero_grad(set_to_none=True)
         s.scaler.scale(loss).backward()
     s.scaler.unscale_(s.optimizer)
@@ -479,14 +637,14 @@ def train_step(s: Session, batch: torch.Tensor) -> None:
     # skips such steps itself, so only without it does that poison the weights)
     s.pending.append(loss.detach() if s.scaler.is_enabled() else loss.detach() + 0 * grad_norm)
     s.run.step += 1
-    s.run.metrics.train_chars += len(batch) * (batch.shape[1] - 1)
+    s.run.metrics.train_chars += (len(batch) if windows is None else windows) * (batch.shape[1] - 1)
 
 
 def flush(s: Session) -> None:
     """Copy the pending step losses to the host at once; a NaN or infinite one stops the run."""
     if not s.pending:
         return
-    values = torch.stack(s.pending).tolist()
+    values = s.ranks.mean(torch.stack(s.pending)).tolist()  # the global batches' losses, the same on every rank
     first = s.run.step - len(s.pending) + 1
     s.pending.clear()
     for i, v in enumerate(values):
@@ -500,19 +658,26 @@ def flush(s: Session) -> None:
 
 
 def emit(s: Session, kind: str, entry: dict, callback) -> None:
+    if s.ranks.rank != 0:  # every rank computes the entry; rank 0 writes it
+        return
     _append_jsonl(s.metrics_path, {"kind": kind, **entry})
     if callback is not None:
         callback(entry)
 
 
 def save(s: Session, kind: str, rng: tuple | None = None) -> None:
-    """Write last/ or best/ (atomically); its time is not training time. `rng`: the RNG states to record, if not now's."""
+    """Write last/ or best/ (atomically); its time is not training time. `rng`: the RNG states to record, if not now's.
+
+    With several processes rank 0 writes and the others wait for it at a barrier.
+    """
     with s.clock.paused():
-        s.run.metrics.train_seconds = s.clock.seconds()
-        s.run.grad_scaler = s.scaler.state_dict() if s.scaler.is_enabled() else None
-        path = save_checkpoint(s.out_dir / kind, model=s.model, vocab=s.vocab, model_config=s.model_config,
-                               state=s.run.to_json(), optimizer=s.optimizer, rng=rng)
-    if s.callbacks.on_checkpoint is not None:
+        if s.ranks.rank == 0:
+            s.run.metrics.train_seconds = s.clock.seconds()
+            s.run.grad_scaler = s.scaler.state_dict() if s.scaler.is_enabled() else None
+            path = save_checkpoint(s.out_dir / kind, model=s.model, vocab=s.vocab, model_config=s.model_config,
+                                   state=s.run.to_json(), optimizer=s.optimizer, rng=rng)
+        s.ranks.barrier()
+    if s.ranks.rank == 0 and s.callbacks.on_checkpoint is not None:
         s.callbacks.on_checkpoint(kind, path)
 
 
@@ -532,11 +697,12 @@ def log_progress(s: Session) -> None:
 def validate(s: Session) -> dict:
     """Evaluate on the validation windows, keep best/, count patience; returns the eval entry."""
     flush(s)
+    alone = s.ranks.size == 1  # several ranks score their parts and sum; a stop waits for the validation's end
     try:
         with s.clock.paused():
-            loss = evaluate(s.model, s.val_w, batch_size=4 * s.cfg.batch_size, device=s.device, amp=s.amp,
-                            overlap=s.val_overlap, should_stop=s.callbacks.should_stop,
-                            computing=lambda: computing(s, "validation"))
+            loss = evaluate(s.model, s.val_w, batch_size=4 * s.cfg.batch_size // s.ranks.size, device=s.device, amp=s.amp,
+                            overlap=s.val_overlap, should_stop=s.callbacks.should_stop if alone else None,
+                            computing=lambda: computing(s, "validation"), all_ranks=None if alone else s.ranks.sum)
     except EvaluationStopped:
         s.run.validation_pending = True
         save(s, "last")
@@ -562,6 +728,11 @@ def out_of_steps(s: Session) -> bool:
     return s.cfg.max_steps is not None and s.run.step >= s.cfg.max_steps
 
 
+def stop_requested(s: Session) -> bool:
+    """Whether to stop before the next step: asked for here or, with several processes, in any of them."""
+    return s.ranks.any(s.callbacks.should_stop is not None and s.callbacks.should_stop())
+
+
 def run_epoch(s: Session) -> None:
     """Train the rest of the current epoch (from batch_in_epoch), validating and saving on the way."""
     cfg, run, cbs = s.cfg, s.run, s.callbacks
@@ -570,12 +741,14 @@ def run_epoch(s: Session) -> None:
         group["lr"] = run.lr
     order = epoch_order(cfg.seed, run.epoch, len(s.train_w))
     for b in range(run.batch_in_epoch, s.n_batches):
-        if cbs.should_stop is not None and cbs.should_stop():
+        if stop_requested(s):
             flush(s)
             save(s, "last")
             raise TrainingStopped(run.step, s.out_dir / "last")
-        idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-        train_step(s, torch.from_numpy(s.train_w[idx].astype(np.int64)).to(s.device))  # (B, T + 1)
+        idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]  # the global batch
+        mine, weight = s.ranks.batch(idx)  # this rank's slice of it (all of it in one process)
+        s.ranks.reseed(cfg.seed, run.epoch, run.step)
+        train_step(s, torch.from_numpy(s.train_w[mine].astype(np.int64)).to(s.device), weight, len(idx))  # (B, T + 1)
         s.cores.rebalance()
         run.batch_in_epoch = b + 1
         if cbs.on_step is not None:
@@ -621,12 +794,16 @@ STOP_GRACE_S = 1.0  # how long a stop waits for the step in progress before last
 
 
 def train(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, out_dir, vocab: Vocab,
-          init_from=None, callbacks: TrainCallbacks | None = None, stop_grace_s: float = STOP_GRACE_S) -> TrainResult:
+          init_from=None, callbacks: TrainCallbacks | None = None, stop_grace_s: float = STOP_GRACE_S,
+          ranks: Ranks | None = None) -> TrainResult:
     """Train (or resume, or return the finished run in `out_dir`); see the module docstring.
 
     With a `should_stop` callback the training runs in a thread of its own (see `run_stoppable`),
     so a stop is honoured within about `stop_grace_s` seconds even when one step takes minutes.
+    With several `ranks` (one call per process, see model/training/distributed.py) it runs in
+    this thread, and a stop is honoured at the next step boundary, agreed by every rank.
     """
+    ranks = ranks or Ranks()
     out_dir = Path(out_dir)
     if (done := finished_run(out_dir, vocab, model_config)) is not None:
         return done
@@ -636,7 +813,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, o
     def body(boundary: Boundary | None) -> TrainResult:
         with CoreShare(train_config.num_threads) as cores:  # in the thread that trains: torch's thread count is per thread
             s = start(model_config=model_config, cfg=train_config, shards_dir=shards_dir, out_dir=out_dir, vocab=vocab,
-                      init_from=init_from, callbacks=callbacks)
+                      init_from=init_from, callbacks=callbacks, ranks=ranks)
             s.cores, s.boundary = cores, boundary
             sessions.append(s)
             if s.run.validation_pending and s.run.batch_in_epoch < s.n_batches:  # (at an epoch's end, end_epoch validates)
@@ -649,7 +826,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, o
             save(s, "last")
         return s.run.result(s.resumed_from)
 
-    if callbacks.should_stop is None:
+    if callbacks.should_stop is None or ranks.size > 1:
         return body(None)
     return run_stoppable(body, callbacks.should_stop, sessions, stop_grace_s)
 
