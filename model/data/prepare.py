@@ -187,6 +187,26 @@ def encode_batch(vocab: Vocab, texts: list[str]) -> tuple[np.ndarray, np.ndarray
     return vocab.encode("".join(texts)), lengths
 
 
+def route_batch(doc_ids, texts: list[str], vocab: Vocab, sinks: dict, stats: dict[str, Counter],
+                cfg: PrepareConfig) -> tuple[int, int, int]:
+    """Encode a batch of documents and hand each split its windows (`sinks[split].add(windows, overlap)`),
+    counting per split into `stats`; returns (unknown characters, characters, the longest document)."""
+    ids, lengths = encode_batch(vocab, texts)
+    doc_split = split_of(doc_ids, cfg.val_fraction, cfg.test_fraction, cfg.split_salt)  # (D,)
+    starts, doc_of, overlap = window_starts(lengths, cfg.seq_len)
+    window_split = doc_split[doc_of]  # (W,)
+    short = lengths < cfg.seq_len + 1
+    for index, split in enumerate(SPLITS):
+        docs, rows = doc_split == index, window_split == index
+        sinks[split].add(gather_windows(ids, starts[rows], cfg.seq_len), overlap[rows])
+        long_docs = docs & ~short
+        stats[split].update(documents=int(docs.sum()), chars=int(lengths[docs].sum()), windows=int(rows.sum()),
+                            scored_chars=int((lengths[long_docs] - 1).sum()),
+                            short_documents=int((short & docs).sum()),
+                            chars_in_short_documents=int(lengths[short & docs].sum()))
+    return int(np.count_nonzero(ids == vocab.unk_id)), len(ids), int(lengths.max(initial=0))
+
+
 def write_shards(corpus_path: Path, vocab: Vocab, out_dir: Path, corpus: str, cfg: PrepareConfig) -> dict:
     """Encode one corpus into train/val/test shards under out_dir; return counts per split.
 
@@ -201,22 +221,8 @@ def write_shards(corpus_path: Path, vocab: Vocab, out_dir: Path, corpus: str, cf
     stats = {s: Counter() for s in SPLITS}
     longest = unknown = total = 0
     for doc_ids, texts in iter_corpus(corpus_path):
-        ids, lengths = encode_batch(vocab, texts)
-        unknown += int(np.count_nonzero(ids == vocab.unk_id))
-        total += len(ids)
-        longest = max(longest, int(lengths.max(initial=0)))
-        doc_split = split_of(doc_ids, cfg.val_fraction, cfg.test_fraction, cfg.split_salt)  # (D,)
-        starts, doc_of, overlap = window_starts(lengths, cfg.seq_len)
-        window_split = doc_split[doc_of]  # (W,)
-        short = lengths < cfg.seq_len + 1
-        for index, split in enumerate(SPLITS):
-            docs, rows = doc_split == index, window_split == index
-            writers[split].add(gather_windows(ids, starts[rows], cfg.seq_len), overlap[rows])
-            long_docs = docs & ~short
-            stats[split].update(documents=int(docs.sum()), chars=int(lengths[docs].sum()), windows=int(rows.sum()),
-                                scored_chars=int((lengths[long_docs] - 1).sum()),
-                                short_documents=int((short & docs).sum()),
-                                chars_in_short_documents=int(lengths[short & docs].sum()))
+        batch_unknown, batch_total, batch_longest = route_batch(doc_ids, texts, vocab, writers, stats, cfg)
+        unknown, total, longest = unknown + batch_unknown, total + batch_total, max(longest, batch_longest)
     for split in SPLITS:
         if not stats[split]["windows"]:
             for w in writers.values():
@@ -428,21 +434,8 @@ def write_part_shards(batches: Iterator[tuple[list[str], list[str]]], vocab: Voc
     unknown = total = 0
     try:
         for doc_ids, texts in batches:
-            ids, lengths = encode_batch(vocab, texts)
-            unknown += int(np.count_nonzero(ids == vocab.unk_id))
-            total += len(ids)
-            doc_split = split_of(doc_ids, cfg.val_fraction, cfg.test_fraction, cfg.split_salt)  # (D,)
-            starts, doc_of, overlap = window_starts(lengths, cfg.seq_len)
-            window_split = doc_split[doc_of]  # (W,)
-            short = lengths < cfg.seq_len + 1
-            for index, split in enumerate(SPLITS):
-                docs, rows = doc_split == index, window_split == index
-                routers[split].add(gather_windows(ids, starts[rows], cfg.seq_len), overlap[rows])
-                long_docs = docs & ~short
-                stats[split].update(documents=int(docs.sum()), chars=int(lengths[docs].sum()), windows=int(rows.sum()),
-                                    scored_chars=int((lengths[long_docs] - 1).sum()),
-                                    short_documents=int((short & docs).sum()),
-                                    chars_in_short_documents=int(lengths[short & docs].sum()))
+            batch_unknown, batch_total, _ = route_batch(doc_ids, texts, vocab, routers, stats, cfg)
+            unknown, total = unknown + batch_unknown, total + batch_total
         for split in SPLITS:
             if stats[split]["windows"] != place[split]["windows"]:
                 raise PrepareError(f"{split}: {stats[split]['windows']} windows, but counting found {place[split]['windows']}; "

@@ -165,19 +165,25 @@ def shard_metadata(path) -> dict:
     return out
 
 
-def read_split(shards_dir, split: str) -> tuple[np.ndarray, dict]:
-    """All windows of a split, (N, seq_len + 1) uint16, and the shards' shared metadata."""
-    paths = list_shards(shards_dir, split)
-    blocks, meta = [], None
+def split_metadata(paths: list[Path], split: str) -> dict:
+    """The metadata the split's shards share; a shard of another vocabulary or seq_len is named."""
+    meta = None
     for path in paths:
-        table = _read(path, ["ids"])
         this = shard_metadata(path)
         if meta is None:
             meta = this
         elif {k: this.get(k) for k in ("vocab_fingerprint", "seq_len")} != {k: meta.get(k) for k in ("vocab_fingerprint", "seq_len")}:
             raise ShardError(f"{path}: metadata {this} differs from the other {split} shards {meta}")
-        width = meta["seq_len"] + 1
-        values = table.column("ids").combine_chunks().values.to_numpy(zero_copy_only=False)
+    return meta
+
+
+def read_split(shards_dir, split: str) -> tuple[np.ndarray, dict]:
+    """All windows of a split, (N, seq_len + 1) uint16, and the shards' shared metadata."""
+    paths = list_shards(shards_dir, split)
+    meta, blocks = split_metadata(paths, split), []
+    width = meta["seq_len"] + 1
+    for path in paths:
+        values = _read(path, ["ids"]).column("ids").combine_chunks().values.to_numpy(zero_copy_only=False)
         blocks.append(values.reshape(-1, width))
     windows = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
     meta = dict(meta, rows=len(windows), shards=len(paths))
@@ -238,13 +244,7 @@ def _mapped(path: Path, width: int, cache: Path) -> np.ndarray:
 def open_split(shards_dir, split: str, cache: Path | None = None) -> SplitWindows:
     """A split's windows as SplitWindows (memory-mapped), after the same checks as read_split."""
     paths = list_shards(shards_dir, split)
-    meta = None
-    for path in paths:
-        this = shard_metadata(path)
-        if meta is None:
-            meta = this
-        elif {k: this.get(k) for k in ("vocab_fingerprint", "seq_len")} != {k: meta.get(k) for k in ("vocab_fingerprint", "seq_len")}:
-            raise ShardError(f"{path}: metadata {this} differs from the other {split} shards {meta}")
+    meta = split_metadata(paths, split)
     width = meta["seq_len"] + 1
     arrays = [_mapped(path, width, cache or window_cache_dir()) for path in paths]
     return SplitWindows(arrays, dict(meta, rows=sum(map(len, arrays)), shards=len(paths)))
