@@ -549,9 +549,10 @@ def start(*, model_config: ModelConfig, cfg: TrainConfig, shards_dir, out_dir: P
     # Training reads train and val only: the test split never chooses a model.
     train_w, val_w = read_windows(shards_dir, "train", vocab), read_windows(shards_dir, "val", vocab)
     val_overlap = read_overlap(shards_dir, "val")
+    keep = np.arange(len(val_w))  # the validation windows are read into memory: each validation reads them all
     if cfg.max_val_windows is not None and len(val_w) > cfg.max_val_windows:
         keep = np.linspace(0, len(val_w) - 1, cfg.max_val_windows).round().astype(np.int64)
-        val_w, val_overlap = val_w[keep], val_overlap[keep]
+    val_w, val_overlap = val_w[keep], val_overlap[keep]
     val_w, val_overlap = ranks.share(val_w), ranks.share(val_overlap)
     device = ranks.device(cfg.device)
     amp = resolve_precision(cfg.precision, device)

@@ -139,9 +139,10 @@ def test_early_stopping_keeps_best(tmp_path, tiny_model_config, write_shards):
 
 def test_nonfinite_loss_raises_and_keeps_last_good_checkpoint(tmp_path, corpus, tiny_model_config):
     args = dict(model_config=tiny_model_config, shards_dir=corpus.shards, out_dir=tmp_path / "run", vocab=corpus.vocab)
-    calls = []
+    at = {"step": 0}
     with pytest.raises(TrainingStopped):  # a good checkpoint at step 4
-        train(**args, train_config=_cfg(), callbacks=TrainCallbacks(should_stop=lambda: calls.append(1) or len(calls) == 5))
+        train(**args, train_config=_cfg(), callbacks=TrainCallbacks(on_step=lambda step, _epoch: at.update(step=step),
+                                                                    should_stop=lambda: at["step"] >= 4))
     good = (tmp_path / "run" / "last" / "model.safetensors").read_bytes()
     # then a learning rate so high that Adam's first update overflows the next forward pass
     with pytest.raises(NonFiniteLossError, match="at step 6") as err:
@@ -193,9 +194,9 @@ def test_mixed_precision_on_cuda_trains_and_resumes(tmp_path, corpus, tiny_model
     cfg = _cfg(precision=precision, device="cuda", checkpoint_every_steps=4)
     args = dict(model_config=tiny_model_config, train_config=cfg, shards_dir=corpus.shards, vocab=corpus.vocab,
                 out_dir=tmp_path / "run")
-    calls = []
+    at = {"step": 0}  # (should_stop is also polled by the watching thread: count steps, not calls)
     with pytest.raises(TrainingStopped):
-        train(**args, callbacks=TrainCallbacks(should_stop=lambda: calls.append(1) or len(calls) == 6))
+        train(**args, callbacks=TrainCallbacks(on_step=lambda step, _epoch: at.update(step=step), should_stop=lambda: at["step"] >= 5))
     result = train(**args)
     assert result.resumed_from_step == 5 and math.isfinite(result.last_val_loss)
     assert (read_state(tmp_path / "run" / "last")["grad_scaler"] is not None) == (precision == "fp16")
