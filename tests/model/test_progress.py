@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 
 from model.training.progress import TerminalProgress
 
@@ -16,7 +17,16 @@ def test_progress_line_on_a_terminal_and_silence_elsewhere(tmp_path):
         for step in range(1, 11):
             progress.step(step, 1 + step // 6)
         progress.close()
-    written = os.read(master, 65536).decode()
+    chunks = []  # one read may return only part of what was written: read until the terminal has nothing more
+    while select.select([master], [], [], 0.2)[0]:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the other end is closed and drained
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    written = b"".join(chunks).decode()
     os.close(master)
     last = written.replace("\r\n", "\n").split("\r")[-1]
     for needle in ("pretrain", "epoch 2/2", "step 10/10", "100%", "loss 1.2346", "31,204 chars/s", "left"):
