@@ -187,7 +187,32 @@ def start_from_latest(config: BaseModel, manifest_config: dict | None) -> BaseMo
     """
     if manifest_config is None:
         return config
-    return type(config).model_validate(deep_merge(manifest_config, explicit_fields(config)))
+    made = what_it_made(type(config), manifest_config)
+    return type(config).model_validate(deep_merge(deep_merge(config.model_dump(mode="json"), made), explicit_fields(config)))
+
+
+def what_it_made(model_cls: type[BaseModel], data: dict) -> dict:
+    """`data` (a config dump) less the fields marked `json_schema_extra={"fingerprint": False}`.
+
+    Those say where and how a run goes (a Dask scheduler's address, a rendezvous endpoint, log
+    intervals), not what it makes: a re-run takes them from its own config, never from the last
+    output's, so an old address cannot come back with "like last time".
+    """
+    out = {}
+    for name, value in data.items():
+        field = model_cls.model_fields.get(name)
+        if field is None:
+            out[name] = value  # an unknown field: let validation name it
+            continue
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("fingerprint") is False:
+            continue
+        sub = field.annotation
+        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            out[name] = what_it_made(sub, value)
+        else:
+            out[name] = value
+    return out
 
 
 def overrides(value: BaseModel | dict, default: BaseModel | dict) -> dict:

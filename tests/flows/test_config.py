@@ -133,3 +133,19 @@ def test_config_command_prints_the_finetune_recipe():
 
     train = json.loads(result.output)["finetune"]["train"]
     assert (train["learning_rate"], train["constant_epochs"], train["epochs"], train["batch_size"]) == (1e-5, 4, 50, 32)
+
+
+def test_a_rerun_takes_what_the_last_output_made_but_not_where_it_ran():
+    from flows.config import PretrainConfig, start_from_latest
+    from model.data.prepare import PrepareConfig
+
+    last = PrepareConfig(seq_len=40, task_runner="dask", dask_address="tcp://10.0.0.9:8786", max_workers=7).model_dump(mode="json")
+    rerun = start_from_latest(PrepareConfig.model_validate({"lines_per_doc": 5}), last)
+    assert (rerun.seq_len, rerun.lines_per_doc) == (40, 5)  # carried over, and the given field changed
+    assert (rerun.task_runner, rerun.dask_address, rerun.max_workers) == ("threads", None, None)  # this run's own
+
+    last = PretrainConfig.model_validate({"train": {"epochs": 3, "nnodes": 2, "rdzv_endpoint": "10.0.0.9:29400",
+                                                    "rdzv_id": "old"}}).model_dump(mode="json")
+    rerun = start_from_latest(PretrainConfig.model_validate({"train": {"rdzv_endpoint": "10.0.0.5:29400"}}), last)
+    assert (rerun.train.epochs, rerun.train.nnodes) == (3, 2)
+    assert (rerun.train.rdzv_endpoint, rerun.train.rdzv_id) == ("10.0.0.5:29400", None)
