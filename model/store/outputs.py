@@ -407,8 +407,8 @@ def _verify_remote_stage(root: Path, remote, stage: str, checksums: bool) -> lis
     from model.store import remote as remote_store
 
     rows = []
-    for fp in remote_store._child_names(remote, remote.path(stage)):
-        if not remote_store._FP.match(fp):
+    for fp in remote_store.child_names(remote, remote.path(stage)):
+        if not remote_store.FINGERPRINT_RE.match(fp):
             continue
         url = f"{remote.url}/{stage}/{fp}"
         state, problems = remote_store.inspect_remote_output(remote, stage, fp)
@@ -476,7 +476,7 @@ def has_latest(root: Path, stage: str) -> bool:
     if remote is not None:
         from model.store import remote as remote_store
 
-        return bool(remote_store._latest_entries(remote, stage))
+        return bool(remote_store.latest_entries(remote, stage))
     return (Path(root) / stage / LATEST).exists()
 
 

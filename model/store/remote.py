@@ -117,7 +117,7 @@ _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN
                "AZURE_CLIENT_SECRET", "GOOGLE_OAUTH_ACCESS_TOKEN")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a stage, a fingerprint, a checkpoint kind
-_FP = re.compile(rf"^[0-9a-f]{{{FINGERPRINT_CHARS}}}$")  # what gc recognises as an output folder
+FINGERPRINT_RE = re.compile(rf"^[0-9a-f]{{{FINGERPRINT_CHARS}}}$")  # what gc recognises as an output folder
 _LATEST_ENTRY = re.compile(r"^(\d{8}T\d{12}Z)-([A-Za-z0-9_][A-Za-z0-9_.-]*)$")
 _PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, AssertionError, NotImplementedError)
 
@@ -453,7 +453,7 @@ def advance_latest(remote: RemoteRoot, stage: str, fp: str, created: str | datet
 def read_latest(remote: RemoteRoot, stage: str) -> str | None:
     """The fingerprint of the newest complete output of a stage (greatest latest.d name); None if none."""
     _check_name(stage, "stage")
-    for _, fp in _latest_entries(remote, stage):
+    for _, fp in latest_entries(remote, stage):
         if _inspect(remote, stage, fp).state == "complete":
             return fp
     return None
@@ -485,7 +485,7 @@ def push_checkpoint(remote: RemoteRoot, stage: str, fp: str, kind: str, local_ck
     with _io("writing", remote.url_of(pointer_path)):
         remote.fs.pipe_file(pointer_path, json.dumps(pointer, indent=2).encode("utf-8"))
     keep = folder.rsplit("/", 1)[1]
-    for old in _child_names(remote, remote.path(stage, fp, f"{kind}.d")):
+    for old in child_names(remote, remote.path(stage, fp, f"{kind}.d")):
         if old != keep:
             _remove_quietly(remote, remote.path(stage, fp, f"{kind}.d", old))
     log.info("pushed the %s checkpoint of %s/%s at step %d (%d files)", kind, stage, fp, step, len(files))
@@ -568,14 +568,14 @@ def gc(root: str | os.PathLike | RemoteRoot, remove: bool = False, grace_s: floa
 
 def _gc_remote(remote: RemoteRoot, remove: bool, grace_s: float, stages: Iterable[str] | None) -> list[tuple[str, str]]:
     now = time.time()
-    stage_names = list(stages) if stages is not None else _child_names(remote, remote.base)
+    stage_names = list(stages) if stages is not None else child_names(remote, remote.base)
     found: dict[tuple[str, str], _Found] = {}
     rows: list[tuple[str, str, list[str]]] = []  # (url, reason, paths to remove, manifest first)
     for stage in stage_names:
-        for name in _child_names(remote, remote.path(stage)):
-            if _FP.match(name):
+        for name in child_names(remote, remote.path(stage)):
+            if FINGERPRINT_RE.match(name):
                 found[(stage, name)] = _inspect(remote, stage, name)
-            elif DAMAGED in name and _FP.match(name.split(DAMAGED, 1)[0]):
+            elif DAMAGED in name and FINGERPRINT_RE.match(name.split(DAMAGED, 1)[0]):
                 path = remote.path(stage, name)
                 rows.append((remote.url_of(path), "damaged: an output set aside to be rebuilt", [path]))
 
@@ -584,7 +584,7 @@ def _gc_remote(remote: RemoteRoot, remove: bool, grace_s: float, stages: Iterabl
             found[key] = _inspect(remote, *key)
         return found[key].manifest if found[key].state == "complete" else None
 
-    entries = {stage: _latest_entries(remote, stage) for stage in stage_names}
+    entries = {stage: latest_entries(remote, stage) for stage in stage_names}
     heads = []
     for stage, stage_entries in entries.items():
         head = next(((stage, fp) for _, fp in stage_entries if manifest_of((stage, fp)) is not None), None)
@@ -667,9 +667,9 @@ def _gc_local(root: Path, remove: bool, grace_s: float, stages: Iterable[str] | 
             continue
         for child in sorted(stage_dir.iterdir()):
             name = child.name
-            if _FP.match(name) and child.is_dir():
+            if FINGERPRINT_RE.match(name) and child.is_dir():
                 states[(stage, name)] = outputs.output_state(child)
-            elif DAMAGED in name and _FP.match(name.split(DAMAGED, 1)[0]):
+            elif DAMAGED in name and FINGERPRINT_RE.match(name.split(DAMAGED, 1)[0]):
                 rows.append((str(child), "damaged: an output set aside to be rebuilt", child))
             elif name.startswith(".") and (".tmp-" in name or (name.startswith(f".{LATEST}.") and name.endswith(".tmp"))):
                 age = now - _local_newest(child)
@@ -915,7 +915,7 @@ def _find(remote: RemoteRoot, folder: str) -> dict[str, dict]:
     return {name.rstrip("/"): info for name, info in found.items() if info.get("type", "file") != "directory"}
 
 
-def _child_names(remote: RemoteRoot, folder: str) -> list[str]:
+def child_names(remote: RemoteRoot, folder: str) -> list[str]:
     """The names of the folders and objects directly under folder/."""
     try:
         entries = remote.fs.ls(folder, detail=True)
@@ -929,9 +929,9 @@ def _child_names(remote: RemoteRoot, folder: str) -> list[str]:
     return sorted({e["name"].rstrip("/")[len(prefix):] for e in entries if e["name"].rstrip("/").startswith(prefix)} - {""})
 
 
-def _latest_entries(remote: RemoteRoot, stage: str) -> list[tuple[str, str]]:
+def latest_entries(remote: RemoteRoot, stage: str) -> list[tuple[str, str]]:
     """(stamp, fp) of every latest.d entry, newest first."""
-    pairs = [m.groups() for name in _child_names(remote, remote.path(stage, LATEST_LOG)) if (m := _LATEST_ENTRY.match(name))]
+    pairs = [m.groups() for name in child_names(remote, remote.path(stage, LATEST_LOG)) if (m := _LATEST_ENTRY.match(name))]
     return sorted(pairs, reverse=True)
 
 

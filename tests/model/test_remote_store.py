@@ -109,7 +109,7 @@ def test_a_writer_that_loses_the_race_for_the_manifest(remote, tmp_path, monkeyp
     else:
         with pytest.raises(StoreError, match="committed with other files"):
             publish(remote, tmp_path, "prepare", fp, files=files)
-    uploads = [n for n in store._child_names(remote, remote.path("prepare", fp)) if n.startswith(store.UPLOAD_PREFIX)]
+    uploads = [n for n in store.child_names(remote, remote.path("prepare", fp)) if n.startswith(store.UPLOAD_PREFIX)]
     assert uploads == [first["dir"]]  # the loser removed its upload; the winner's files are untouched
     assert store.remote_output_state(remote, "prepare", fp) == "complete"
     outputs.verify_output(store.materialize(remote, "prepare", fp), checksums=True)
@@ -221,7 +221,7 @@ def test_a_corrupted_file_on_the_server_is_refused_naming_it(remote, tmp_path):
     publish(remote, tmp_path, "prepare", fp)
     assert store.remote_output_state(remote, "prepare", fp) == "complete"
     outputs.verify_output(store.materialize(remote, "prepare", fp), checksums=True)
-    assert any(store.DAMAGED in n for n in store._child_names(remote, remote.path("prepare")))
+    assert any(store.DAMAGED in n for n in store.child_names(remote, remote.path("prepare")))
 
 
 def test_checkpoints_push_and_pull(remote, tmp_path):
@@ -233,7 +233,7 @@ def test_checkpoints_push_and_pull(remote, tmp_path):
     (ckpt / "state.json").write_bytes(b'{"step": 20}')
     pointer = store.push_checkpoint(remote, "pretrain", fp, "last", ckpt, 20)
     assert pointer["step"] == 20 and pointer["dir"].startswith("last.d/00000020-")
-    assert store._child_names(remote, remote.path("pretrain", fp, "last.d")) == [pointer["dir"].split("/")[1]]
+    assert store.child_names(remote, remote.path("pretrain", fp, "last.d")) == [pointer["dir"].split("/")[1]]
     assert store.remote_output_state(remote, "pretrain", fp) == "incomplete"  # a training in progress
 
     pulled = store.pull_checkpoint(remote, "pretrain", fp, "last", tmp_path / "fresh")
