@@ -1,7 +1,13 @@
-"""The `ingest-simpsons` stage flow: keep one character's spoken lines from the Simpsons CSV.
+"""The `ingest-simpsons` stage flow: the fine-tuning lines, by default one character's spoken lines from the Simpsons CSV.
+
+Any table of text works too: a CSV or Parquet file with other column names, a template over
+its columns, or a .txt file or folder of .txt files (one line per row); see SimpsonsConfig.
 
     homer stage ingest-simpsons --profile sample
     homer stage ingest-simpsons --set simpsons.source=local --set simpsons.path=simpsons_dataset.csv
+    homer stage ingest-simpsons --set simpsons.source=local --set simpsons.path=lines.txt
+    homer stage ingest-simpsons --set simpsons.source=local --set simpsons.path=events.csv \
+        --set simpsons.character_column= --set "simpsons.template={minute}' {event_type}: {text}"
 """
 
 from __future__ import annotations
@@ -19,10 +25,10 @@ from tasks.data import ingest_simpsons_task
 @flow(name="ingest-simpsons", flow_run_name=run_namer("ingest-simpsons", {"from": "start_from", "source": "config.source", "character": "config.character"}))
 def ingest_simpsons(config: SimpsonsConfig = SimpsonsConfig(), data_dir: str | None = None,
         start_from: StartFrom = "latest") -> StageRef:
-    """Filter the dialogue CSV to the configured character's lines, repaired and normalised.
+    """Read the configured lines (by default the dialogue CSV filtered to one character's), repaired and normalised.
 
     Args:
-        config: where the dialogue CSV comes from and whose lines to keep
+        config: where the lines come from, which columns make them and which rows to keep
         data_dir: artifact root (default: $HOMER_DATA_DIR or ./data)
         start_from: latest = the config of this stage's latest output, changing only the fields given; config = as given
     """

@@ -2,6 +2,7 @@
 
     homer stage ingest-wikipedia --profile sample
     homer stage ingest-wikipedia --set wikipedia.source=local --set wikipedia.path=articles.jsonl
+    homer stage ingest-wikipedia --set wikipedia.dataset=OWNER/NAME --set wikipedia.config_name= --set wikipedia.text_column=body
 """
 
 from __future__ import annotations

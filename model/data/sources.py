@@ -12,9 +12,15 @@ spreadsheet numbers it); control characters (category Cc less tab and line break
 values of the wrong type are errors naming file, row and column, or dropped / skipped
 and counted (`control_chars`, `on_bad_rows`).
 
+The fine-tuning lines come from any table of text: a CSV or Parquet file (a text column,
+an optional filter column, or a str.format template over the columns), a .txt file or a
+folder of .txt files (one line per row); the columns are checked before any row is read.
+
     cfg = WikipediaConfig(source="local", path="articles.jsonl", max_articles=100)
     for article in read_wikipedia(cfg): ...        # dicts: id, url, title, text
     lines, counts = read_simpsons_csv("simpsons_dataset.csv", "Homer Simpson")
+    lines, counts = read_simpsons(Path("events.csv"), SimpsonsConfig(source="local", path="events.csv",
+                                  character_column="", template="{minute}' {event_type}: {text}"))
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import random
 import re
 import shlex
 import socket
+import string
 import time
 import unicodedata
 from collections import Counter
@@ -44,7 +51,7 @@ from typing import Any, Iterator, Literal
 from urllib.parse import urlparse
 
 import ftfy
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +71,7 @@ def sample_file(source: Literal["wikipedia", "simpsons"]) -> Path:
 
 SAMPLE_WIKIPEDIA = sample_file("wikipedia")
 SAMPLE_SIMPSONS = sample_file("simpsons")
-SIMPSONS_COLUMNS = ("raw_character_text", "spoken_words")
+SIMPSONS_COLUMNS = ("raw_character_text", "spoken_words")  # the Kaggle file's: the default filter and text columns
 ARTICLE_COLUMNS = ("id", "url", "title", "text")
 
 
@@ -81,9 +88,10 @@ class WikipediaConfig(BaseModel):
 
     source: Literal["hub", "local", "sample"] = Field("hub", description="hub: stream from Hugging Face; local: a file or folder on disk; sample: the bundled articles")
     dataset: str = Field("wikimedia/wikipedia", description="Hugging Face dataset id (or a hub-format folder) for source=hub")
-    config_name: str = Field("20231101.en", description="dataset config (the dump date and language) for source=hub")
+    config_name: str = Field("20231101.en", description="dataset config (for wikimedia/wikipedia the dump date and language) for source=hub; empty: the data set's default config")
+    text_column: str = Field("text", min_length=1, description="the column holding each article's text, for source=hub and for local Parquet or JSON Lines files (a .txt file is one article whatever this says)")
     split: str = Field("train", description="dataset split to stream")
-    path: str | None = Field(None, description="for source=local: a Parquet or JSON Lines file or folder with a `text` column, or a folder of .txt files (one article each)")
+    path: str | None = Field(None, description="for source=local: a Parquet or JSON Lines file or folder with the text column (text_column), or a folder of .txt files (one article each)")
     max_articles: int = Field(8000, gt=0, description="take the first N articles of the stream")
     shuffle_buffer: int = Field(0, ge=0, description="if > 0, shuffle the stream with a seeded buffer of this size before taking N")
     seed: int = Field(0, ge=0, description="seed of the shuffle buffer")
@@ -98,15 +106,23 @@ class WikipediaConfig(BaseModel):
             raise ValueError("wikipedia.path is required when wikipedia.source=local")
         return self
 
+    @field_validator("config_name", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return "" if value is None else value  # `--set wikipedia.config_name=` reads as None
+
 
 class SimpsonsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    source: Literal["kaggle", "local", "sample"] = Field("kaggle", description="kaggle: download with kagglehub; local: a CSV on disk; sample: the bundled CSV")
+    source: Literal["kaggle", "local", "sample"] = Field("kaggle", description="kaggle: download with kagglehub; local: a CSV, Parquet or .txt file, or a folder of .txt files, on disk; sample: the bundled CSV")
     handle: str = Field("pierremegret/dialogue-lines-of-the-simpsons", description="Kaggle dataset handle, optionally versioned (owner/name/versions/N)")
     file_name: str = Field("simpsons_dataset.csv", description="the CSV inside the downloaded data set")
-    path: str | None = Field(None, description="for source=local: the CSV file (or a folder holding file_name)")
-    character: str = Field("Homer Simpson", description="keep the lines whose raw_character_text is exactly this")
+    path: str | None = Field(None, description="for source=local: a CSV or Parquet file (told from its bytes), a .txt file (one row per non-blank line, no filter), or a folder holding file_name or else .txt files")
+    text_column: str = Field(SIMPSONS_COLUMNS[1], min_length=1, description="the column holding each line's text (CSV and Parquet; unused when template is set)")
+    character_column: str = Field(SIMPSONS_COLUMNS[0], description="the column to filter on: keep the rows whose value is exactly `character`; empty: keep every row (CSV and Parquet)")
+    character: str = Field("Homer Simpson", description="the value of character_column to keep (for the Kaggle file: the speaker)")
+    template: str = Field("", description="make each line from several columns with a str.format template of column names, e.g. \"{minute}' {event_type}: {text}\"; empty: the text_column as it is. A .txt row has one column, `text`")
     control_chars: Literal["error", "drop"] = Field("error", description=CONTROL_CHARS_HELP)
     on_bad_rows: Literal["error", "skip"] = Field("error", description="a row that cannot be used (a CSV row with the wrong number of fields, a value of the wrong type in a Parquet input): error names its row and column; skip leaves it out, counted as skipped_bad_rows in the manifest. An unterminated quote is always an error")
 
@@ -115,6 +131,25 @@ class SimpsonsConfig(BaseModel):
         if self.source == "local" and not self.path:
             raise ValueError("simpsons.path is required when simpsons.source=local")
         return self
+
+    @field_validator("character_column", "template", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return "" if value is None else value  # `--set simpsons.character_column=` reads as None
+
+    @field_validator("template", mode="before")
+    @classmethod
+    def _template_as_text(cls, value: Any) -> Any:
+        if isinstance(value, dict):  # `--set simpsons.template={text}`: YAML reads {text} as a mapping
+            raise ValueError("the template was read as a YAML mapping; quote it: --set 'simpsons.template=\"{text}\"'")
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _template_parses(cls, template: str) -> str:
+        if template:
+            template_fields(template)  # a ValueError names what is wrong with it
+        return template
 
 
 # ---------------------------------------------------------------------------- checks
@@ -541,15 +576,20 @@ def _title_of(path: Path) -> str:
     return _plain_name(path).stem.replace("_", " ")
 
 
-def _parquet_rows(path: Path, columns: tuple[str, ...], required: tuple[str, ...], needs: str) -> Iterator[tuple[int, dict]]:
-    """(row number from 1, row) of a Parquet file, the `columns` it has; a missing `required` column is an error."""
+def _parquet_file(path: Path):
+    """(pyarrow ParquetFile, its column names); a file pyarrow cannot open is an error naming it."""
     import pyarrow.parquet as pq  # only Parquet inputs need it
 
     try:
         parquet = pq.ParquetFile(path)
-        names = parquet.schema_arrow.names
+        return parquet, parquet.schema_arrow.names
     except Exception as exc:
         raise SourceError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc}); write it again") from exc
+
+
+def _parquet_rows(path: Path, columns: tuple[str, ...], required: tuple[str, ...], needs: str) -> Iterator[tuple[int, dict]]:
+    """(row number from 1, row) of a Parquet file, the `columns` it has; a missing `required` column is an error."""
+    parquet, names = _parquet_file(path)
     missing = [c for c in required if c not in names]
     if missing:
         raise SourceError(f"{path}: no {', '.join(f'`{c}`' for c in missing)} column (found {names}); {needs}")
@@ -580,10 +620,10 @@ def _json_rows(kind: FileKind, drops: Counter, cfg: "WikipediaConfig") -> Iterat
                     cfg.on_bad_rows, drops, "wikipedia")
             continue
         if not isinstance(row, dict):
-            bad_row(where, f"holds a JSON {_json_type(row)}, not an object with a `text` field", cfg.on_bad_rows, drops, "wikipedia")
+            bad_row(where, f"holds a JSON {_json_type(row)}, not an object with a `{cfg.text_column}` field", cfg.on_bad_rows, drops, "wikipedia")
             continue
-        if first and "text" not in row:
-            raise SourceError(f"{where}: no `text` field (found {sorted(row)}); articles need a `text` column")
+        if first and cfg.text_column not in row:
+            raise SourceError(f"{where}: no `{cfg.text_column}` field (found {sorted(row)}); {_text_column_needed(cfg, list(row))}")
         first = False
         yield row, where, ""
     if first:
@@ -602,7 +642,7 @@ def _json_array(kind: FileKind, text: str, drops: Counter, cfg: "WikipediaConfig
     for number, row in enumerate(rows, start=1):
         where = f"{kind.path}: item {number} of the array"
         if not isinstance(row, dict):
-            bad_row(where, f"is a JSON {_json_type(row)}, not an object with a `text` field", cfg.on_bad_rows, drops, "wikipedia")
+            bad_row(where, f"is a JSON {_json_type(row)}, not an object with a `{cfg.text_column}` field", cfg.on_bad_rows, drops, "wikipedia")
             continue
         yield row, where, ""
 
@@ -611,16 +651,29 @@ def _json_type(value: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
 
 
+def _text_column_needed(cfg: "WikipediaConfig", found: list[str]) -> str:
+    """What to do about a missing text column: the setting, and the closest column the source has."""
+    close = difflib.get_close_matches(cfg.text_column, [str(c) for c in found], n=1, cutoff=0.5)
+    guess = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"articles need a `{cfg.text_column}` column: set wikipedia.text_column to the column that holds the text{guess}"
+
+
+def _article_columns(cfg: "WikipediaConfig") -> tuple[str, ...]:
+    """The source columns an article is made of: id, url, title and the text column."""
+    return tuple(c for c in ARTICLE_COLUMNS if c != "text") + (cfg.text_column,)
+
+
 def _local_rows(path: Path, cfg: "WikipediaConfig", drops: Counter) -> Iterator[tuple[dict, str, str]]:
     """(row, where, default title) of every local file, in path order."""
     for kind, fmt in _local_files(path):
         if fmt == "parquet":
-            for number, row in _parquet_rows(kind.path, ARTICLE_COLUMNS, ("text",), "articles need a `text` column"):
+            _, names = _parquet_file(kind.path)
+            for number, row in _parquet_rows(kind.path, _article_columns(cfg), (cfg.text_column,), _text_column_needed(cfg, names)):
                 yield row, f"{kind.path}: row {number}", ""
         elif fmt == "json":
             yield from _json_rows(kind, drops, cfg)
         else:
-            yield {"text": read_text(kind.path, "wikipedia.path")}, str(kind.path), _title_of(kind.path)
+            yield {cfg.text_column: read_text(kind.path, "wikipedia.path")}, str(kind.path), _title_of(kind.path)
 
 
 def _shuffled(rows: Iterator, buffer_size: int, seed: int) -> Iterator:
@@ -643,16 +696,16 @@ def _article(row: Any, index: int, where: str, title: str, cfg: "WikipediaConfig
         bad_row(where, f"holds {_type_name(row)}, not a record", cfg.on_bad_rows, drops, "wikipedia")
         return None
     article = {}
-    for column in ARTICLE_COLUMNS:
-        value = row.get(column)
+    for column, source in zip(ARTICLE_COLUMNS, (*ARTICLE_COLUMNS[:-1], cfg.text_column)):  # `text` from the text column
+        value = row.get(source)
         if value is None or value == "":
             value = {"id": str(index), "title": title}.get(column, "")
         elif column == "id" and isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
         elif not isinstance(value, str):
-            bad_row(where, wrong_type(column, value), cfg.on_bad_rows, drops, "wikipedia")
+            bad_row(where, wrong_type(source, value), cfg.on_bad_rows, drops, "wikipedia")
             return None
-        article[column] = control_chars(value, where, column, cfg.control_chars, drops, "wikipedia")
+        article[column] = control_chars(value, where, source, cfg.control_chars, drops, "wikipedia")
     return article
 
 
@@ -673,9 +726,11 @@ def _open_stream(cfg: WikipediaConfig):
 
     if not Path(cfg.dataset).is_dir():  # a hub-format folder on disk needs no network
         probe_hub()
-    stream = datasets.load_dataset(cfg.dataset, cfg.config_name, split=cfg.split, streaming=True)
-    if "text" not in (stream.column_names or ["text"]):
-        raise SourceError(f"{cfg.dataset}: no `text` column (found {stream.column_names}); articles need a `text` column")
+    stream = datasets.load_dataset(cfg.dataset, cfg.config_name or None, split=cfg.split, streaming=True)
+    if (names := stream.column_names) is not None:  # None: the stream does not say before its first row
+        if cfg.text_column not in names:
+            raise SourceError(f"{wikipedia_location(cfg)}: no `{cfg.text_column}` column (found {names}); {_text_column_needed(cfg, names)}")
+        stream = stream.select_columns([c for c in _article_columns(cfg) if c in names])  # leave other columns (images, ...) undecoded
     if cfg.shuffle_buffer:
         stream = stream.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
     return stream.take(cfg.max_articles), None
@@ -698,7 +753,7 @@ def _chain(exc: BaseException):
 
 def wikipedia_location(cfg: WikipediaConfig) -> str:
     """Where the articles come from, as the user named it."""
-    return {"hub": f"{cfg.dataset} ({cfg.config_name})", "local": str(cfg.path), "sample": str(SAMPLE_WIKIPEDIA)}[cfg.source]
+    return {"hub": f"{cfg.dataset} ({cfg.config_name or 'default config'})", "local": str(cfg.path), "sample": str(SAMPLE_WIKIPEDIA)}[cfg.source]
 
 
 def read_wikipedia(cfg: WikipediaConfig, drops: Counter | None = None) -> Iterator[dict]:
@@ -775,12 +830,14 @@ def _read_local(cfg: WikipediaConfig, drops: Counter) -> Iterator[dict]:
 
 
 def download_simpsons(cfg: SimpsonsConfig) -> Path:
-    """The CSV for the configured source; kaggle downloads (or reuses kagglehub's cache)."""
+    """The file (or folder of .txt files) for the configured source; kaggle downloads (or reuses kagglehub's cache)."""
     if cfg.source == "sample":
         return SAMPLE_SIMPSONS
     if cfg.source == "local":
         path = Path(cfg.path)
-        return path / cfg.file_name if path.is_dir() else path
+        if path.is_dir() and (path / cfg.file_name).exists():
+            return path / cfg.file_name
+        return path  # a file, or a folder of .txt files
     import kagglehub  # credentials: KAGGLE_USERNAME/KAGGLE_KEY or ~/.kaggle/kaggle.json, read by kagglehub
 
     try:
@@ -828,120 +885,316 @@ def _csv_problem(exc: csv.Error, line: int) -> str:
     return f"malformed CSV ({said})"
 
 
-def _csv_rows(kind: FileKind, setting: str, on_bad_rows: str, drops: Counter) -> Iterator[tuple[int, str, dict]]:
-    """(data row number from 1, where, {column: value}) of a CSV file, parsed strictly.
+def _csv_table(kind: FileKind, setting: str, on_bad_rows: str, drops: Counter, expected: list[str]) -> tuple[list[str], Iterator[tuple[str, dict | None]]]:
+    """(header, rows) of a CSV file, parsed strictly: the header is read now, the rows as they are iterated.
 
-    `where` names the row as a spreadsheet does (the header is row 1) and its line when
-    they differ. An unterminated quote is an error naming the row where it opens; a row
-    with a number of fields other than the header's is a bad row (on_bad_rows).
+    A row is (where, {column: value}), or (where, None) for a bad row skipped. `where` names
+    the row as a spreadsheet does (the header is row 1) and its line when they differ. An
+    unterminated quote is an error naming the row where it opens; a row with a number of
+    fields other than the header's is a bad row (on_bad_rows). `expected` only words the
+    error for a file with no header.
     """
     path = kind.path
-    lines = read_lines(kind, setting)
-    reader = csv.reader(lines, strict=True)
+    reader = csv.reader(read_lines(kind, setting), strict=True)
     try:
         header = next(reader, None)
     except csv.Error as exc:
         raise SourceError(f"{path}: row 1 (the header): {_csv_problem(exc, reader.line_num)}") from None
     if not header or not any(h.strip() for h in header):
         raise SourceError(f"{path}: the file holds no header row (it is empty or blank); expected a CSV with columns "
-                          f"{list(SIMPSONS_COLUMNS)}; check {setting}")
+                          f"{expected}; check {setting}")
     header = [h.strip().lstrip("\ufeff") for h in header]
-    missing = [c for c in SIMPSONS_COLUMNS if c not in header]
-    if missing:
-        raise SourceError(f"{path}: missing column(s) {missing}; found columns {header}, expected {list(SIMPSONS_COLUMNS)}")
-    number = 1  # spreadsheet row of the header
-    while True:
-        first_line = reader.line_num + 1
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            raise SourceError(f"{path}: row {number + 1} (from line {first_line}): {_csv_problem(exc, reader.line_num)}") from None
-        number += 1
-        where = f"{path}: row {number}" + (f" (line {first_line})" if first_line != number else "")
-        if row and len(row) != len(header):
-            bad_row(where, f"has {len(row)} field(s) but the header (row 1) has {len(header)} (a comma in a field that is not "
-                           f"quoted, or a missing field?); quote a field that holds commas (\"...\")", on_bad_rows, drops, "simpsons")
-            yield number - 1, where, None
+
+    def rows() -> Iterator[tuple[str, dict | None]]:
+        number = 1  # spreadsheet row of the header
+        while True:
+            first_line = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                raise SourceError(f"{path}: row {number + 1} (from line {first_line}): {_csv_problem(exc, reader.line_num)}") from None
+            number += 1
+            where = f"{path}: row {number}" + (f" (line {first_line})" if first_line != number else "")
+            if row and len(row) != len(header):
+                bad_row(where, f"has {len(row)} field(s) but the header (row 1) has {len(header)} (a comma in a field that is not "
+                               f"quoted, or a missing field?); quote a field that holds commas (\"...\")", on_bad_rows, drops, "simpsons")
+                yield where, None
+                continue
+            yield where, dict(zip(header, row))
+        if number == 1:
+            raise SourceError(f"{path}: the CSV holds a header row but no data rows; there are no lines to read: check {setting}")
+
+    return header, rows()
+
+
+def _parquet_table(path: Path, columns: list[str]) -> Iterator[tuple[str, dict]]:
+    """(where, row) of a Parquet file: only `columns`, which the caller has checked it has."""
+    for number, row in _parquet_rows(path, tuple(columns), tuple(columns), ""):
+        yield f"{path}: row {number}", row
+
+
+# -- plain text: one row per non-blank line
+
+TEXT_COLUMN = "text"  # the one column of a row of a .txt file (what a template names)
+
+
+def _is_txt(path: Path) -> bool:
+    return _plain_name(path).suffix.lower() == ".txt"
+
+
+def _text_files(folder: Path, cfg: SimpsonsConfig, setting: str) -> list[FileKind]:
+    """The .txt files of a folder, in path order; a folder with anything else is refused, naming it."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    names = [str(f.relative_to(folder)) for f in files]
+    texts = [f for f in files if _is_txt(f)]
+    if not texts:
+        raise SourceError(f"{folder}: the folder holds no {cfg.file_name} (simpsons.file_name) and no .txt files (found {names[:10]}"
+                          f"{' ...' if len(names) > 10 else ''}); set {setting} to a CSV, Parquet or .txt file, or to a folder of .txt files")
+    others = [n for f, n in zip(files, names) if not _is_txt(f)]
+    if others:
+        raise SourceError(f"{folder}: {len(others)} of {len(files)} files are not .txt files, so the folder would not be read whole: "
+                          f"{others[:10]}{' ...' if len(others) > 10 else ''}; move them out of the folder, or set {setting} to one file")
+    kinds = []
+    for f in texts:
+        if f.stat().st_size == 0:
+            continue  # no lines
+        kind = sniff(f)
+        if kind.content != "text":
+            raise SourceError(kind.refusal(setting) if kind.content == "unreadable" else f"{f}: named .txt but it is {kind.label}; "
+                              f"move it out of the folder")
+        kinds.append(kind)
+    return kinds
+
+
+def _text_rows(kinds: list[FileKind], setting: str) -> Iterator[tuple[str, dict]]:
+    """(where, {"text": line}) for every non-blank line of the files, in order."""
+    for kind in kinds:
+        for number, line in enumerate(read_lines(kind, setting), start=1):
+            if line.strip():
+                yield f"{kind.path}: line {number}", {TEXT_COLUMN: line.rstrip("\r\n")}
+
+
+# -- which columns make a line
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a str.format template uses, each once, in order of use.
+
+    Raises ValueError (naming simpsons.template) for a template that does not parse, names no
+    column, or uses a positional field (`{}`, `{0}`), an attribute or an index (`{a.b}`, `{a[0]}`).
+    """
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"simpsons.template {template!r} is not a str.format template ({exc}); "
+                         f"name columns in braces, e.g. \"{{minute}}' {{text}}\", and double a literal brace ({{{{ or }}}})") from None
+    fields: list[str] = []
+    for _, name, spec, _ in parsed:
+        if name is None:
             continue
-        yield number - 1, where, dict(zip(header, row))
-    if number == 1:
-        raise SourceError(f"{path}: the CSV holds a header row but no data rows; there are no lines to read: check {setting}")
+        if not name or name.isdigit() or any(c in name for c in ".["):
+            raise ValueError(f"simpsons.template {template!r}: the field {{{name}}} is not a column name; "
+                             f"write each field as {{column}}, e.g. {{text}} (no positions, attributes or indexes)")
+        fields += [f for f in [name, *(template_fields(spec) if spec and "{" in spec else [])] if f not in fields]
+    if not fields:
+        raise ValueError(f"simpsons.template {template!r} names no column, so every line would be the same; "
+                         f"name columns in braces, e.g. {{text}}")
+    return fields
 
 
-def _parquet_simpsons_rows(path: Path, setting: str) -> Iterator[tuple[int, str, dict]]:
-    needs = f"expected columns {list(SIMPSONS_COLUMNS)}"
-    for number, row in _parquet_rows(path, SIMPSONS_COLUMNS, SIMPSONS_COLUMNS, needs):
-        yield number, f"{path}: row {number}", row
+@dataclass(frozen=True)
+class LinePlan:
+    """What makes a line of a table: its text (a column or a template over columns) and an optional filter column."""
+
+    text_column: str | None  # the column that is the text; None when a template makes it
+    template: str  # "" unless a template makes the text
+    fields: tuple[str, ...]  # the columns the text is made of
+    filter_column: str | None  # keep the rows whose value here is the character; None: every row
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns to read, each once."""
+        return list(dict.fromkeys((*self.fields, *([self.filter_column] if self.filter_column else []))))
 
 
-def read_simpsons_csv(path: Path, character: str, setting: str = "simpsons.path", control_chars_mode: str = "error",
-                      on_bad_rows: str = "error") -> tuple[list[dict], dict]:
-    """Keep the character's lines that have words, in file order; count every other row.
+def line_plan(cfg: SimpsonsConfig, plain_text: bool) -> LinePlan:
+    """The plan for a config: a .txt source (plain_text) has one column, `text`, and no filter."""
+    fields = tuple(template_fields(cfg.template)) if cfg.template else (TEXT_COLUMN if plain_text else cfg.text_column,)
+    return LinePlan(None if cfg.template else fields[0], cfg.template, fields,
+                    None if plain_text or not cfg.character_column else cfg.character_column)
 
-    The file may be a CSV (UTF-8 with or without a BOM, UTF-16/32 with a BOM; gzip, bz2,
-    xz or, with the `zstandard` module, zstd-compressed) or a Parquet file with the same
-    columns, told from its bytes. Returns (lines, counts); each line is {"row": data row
-    number (1 = first after the header), "text": normalised words}.
+
+def check_columns(path: Path, what: str, columns: list[str], plan: LinePlan, setting: str) -> None:
+    """Raise, before any row is read, naming every column the plan needs that the table lacks, its columns and the field to set."""
+    def guess(name: str) -> str:
+        close = difflib.get_close_matches(name, columns, n=1, cutoff=0.5)
+        return f" (did you mean {close[0]!r}?)" if close else ""
+
+    problems = []
+    if plan.template:
+        unknown = [f for f in plan.fields if f not in columns]
+        if unknown:
+            problems.append(f"simpsons.template {plan.template!r} names {', '.join(f'{{{f}}}{guess(f)}' for f in unknown)}, "
+                            f"which {'is not a column' if len(unknown) == 1 else 'are not columns'}: use the file's column names")
+    elif plan.text_column not in columns:
+        problems.append(f"no text column {plan.text_column!r}{guess(plan.text_column)}: set simpsons.text_column to the column "
+                        f"that holds the lines (or simpsons.template to make them from several columns)")
+    if plan.filter_column and plan.filter_column not in columns:
+        problems.append(f"no column {plan.filter_column!r}{guess(plan.filter_column)} to filter on: set simpsons.character_column "
+                        f"to the column whose value must be simpsons.character, or to '' to keep every row")
+    if problems:
+        raise SourceError(f"{path}: {'; '.join(problems)}. The {what} has columns {columns} (expected {plan.columns}); check {setting}")
+
+
+def _open_table(path: Path, cfg: SimpsonsConfig, setting: str, drops: Counter) -> tuple[LinePlan, dict[str, str], Iterator]:
+    """(plan, column labels for messages, rows) of a lines source, its columns checked before any row is read."""
+    if path.is_dir():
+        kinds = _text_files(path, cfg, setting)
+        plan = line_plan(cfg, plain_text=True)
+        check_columns(path, "folder of .txt files (one row per line)", [TEXT_COLUMN], plan, setting)
+        return plan, {TEXT_COLUMN: TEXT_COLUMN}, _text_rows(kinds, setting)
+    check_file(path, "file (CSV, Parquet or .txt)", setting)
+    kind = sniff(path)
+    if kind.content == "parquet":
+        _, columns = _parquet_file(path)
+        plan = line_plan(cfg, plain_text=False)
+        check_columns(path, "Parquet file", columns, plan, setting)
+        return plan, {c: c for c in columns}, _parquet_table(path, plan.columns)
+    if kind.content != "text":
+        raise SourceError(kind.refusal(setting) + " (a CSV, Parquet or .txt file)")
+    if _is_txt(path):
+        plan = line_plan(cfg, plain_text=True)
+        check_columns(path, ".txt file (one row per line)", [TEXT_COLUMN], plan, setting)
+        return plan, {TEXT_COLUMN: TEXT_COLUMN}, _text_rows([kind], setting)
+    plan = line_plan(cfg, plain_text=False)
+    header, rows = _csv_table(kind, setting, cfg.on_bad_rows, drops, plan.columns)
+    check_columns(path, "CSV", header, plan, setting)
+    return plan, {c: f"{c} ({column_letter(i)})" for i, c in enumerate(header)}, rows
+
+
+# -- reading lines
+
+SIMPSONS_COUNTS = ("rows_read", "kept", "dropped_blank", "dropped_other_character", "dropped_no_words",
+                   "skipped_bad_rows", "dropped_control_chars", "encoding_repairs")
+SCALARS = (str, int, float, bool)  # what a filter column or a template field may hold (a number formats as the template says)
+
+
+def _row_values(row: dict, plan: LinePlan, where: str, on_bad_rows: str, drops: Counter) -> dict | None:
+    """The plan's columns of a row ("" for a missing value); None for a value of the wrong type (a bad row, skipped)."""
+    values = {}
+    for column in plan.columns:
+        value = row.get(column)
+        allowed = str if column == plan.text_column else SCALARS
+        if value is not None and not isinstance(value, allowed):
+            bad_row(where, wrong_type(column, value), on_bad_rows, drops, "simpsons")
+            return None
+        values[column] = "" if value is None else value
+    return values
+
+
+def _is_blank(value: Any) -> bool:
+    return isinstance(value, str) and not value.strip()
+
+
+def read_simpsons(path: Path, cfg: SimpsonsConfig, setting: str = "simpsons.path") -> tuple[list[dict], dict]:
+    """Keep the lines a config selects, in file order; count every other row.
+
+    `path` (from download_simpsons) is a CSV (UTF-8 with or without a BOM, UTF-16/32 with a
+    BOM; gzip, bz2, xz or, with the `zstandard` module, zstd-compressed) or a Parquet file,
+    told from its bytes, or a .txt file or a folder of .txt files (one row per non-blank line,
+    no filter). A line is the text column, or the template over the columns; with a filter
+    column only the rows whose value is cfg.character are kept. Each kept line is repaired
+    (mojibake), checked for control characters and whitespace-normalised. Returns (lines,
+    counts); each line is {"row": row number (1 = the first row read: after a CSV's header, the
+    first non-blank line of text), "text": the line}.
     """
     path = Path(path)
-    check_file(path, "CSV file", setting)
-    kind = sniff(path)
     drops = Counter()
-    if kind.content == "parquet":
-        rows = _parquet_simpsons_rows(path, setting)
-    elif kind.content == "text":
-        rows = _csv_rows(kind, setting, on_bad_rows, drops)
-    else:
-        raise SourceError(kind.refusal(setting) + " (a CSV or Parquet file)")
-    counts = Counter()
-    speakers = Counter()
-    kept = []
-    col = {c: f"{c} ({column_letter(i)})" for i, c in enumerate(SIMPSONS_COLUMNS)}
-    for row_no, where, row in rows:
+    plan, labels, rows = _open_table(path, cfg, setting, drops)
+    counts, speakers, kept = Counter(), Counter(), []
+    for where, row in rows:
         counts["rows_read"] += 1
         if row is None:  # a bad row, skipped (on_bad_rows=skip)
             continue
-        values = {}
-        for column in SIMPSONS_COLUMNS:
-            value = row.get(column)
-            if value is not None and not isinstance(value, str):
-                bad_row(where, wrong_type(column, value), on_bad_rows, drops, "simpsons")
-                break
-            values[column] = value or ""
-        else:
-            who = control_chars(values["raw_character_text"].strip(), where, col["raw_character_text"], control_chars_mode, drops, "simpsons")
-            words = values["spoken_words"]
-            if not who and not words.strip():
+        values = _row_values(row, plan, where, cfg.on_bad_rows, drops)
+        if values is None:
+            continue
+        empty = all(_is_blank(values[f]) for f in plan.fields)
+        if plan.filter_column:
+            who = values[plan.filter_column]
+            who = control_chars(who.strip(), where, labels[plan.filter_column], cfg.control_chars, drops, "simpsons") if isinstance(who, str) else str(who)
+            if not who and empty:
                 counts["dropped_blank"] += 1
-            elif who != character:
+                continue
+            if who != cfg.character:
                 counts["dropped_other_character"] += 1
                 speakers[who] += 1
-            elif not words.strip():
+                continue
+            if empty:
                 counts["dropped_no_words"] += 1
-            else:
-                fixed, repaired = repair_line(words)
-                fixed = control_chars(fixed, where, col["spoken_words"], control_chars_mode, drops, "simpsons")
-                counts["encoding_repairs"] += repaired
-                text = " ".join(fixed.split())
-                if text:
-                    kept.append({"row": row_no, "text": text})
-                else:
-                    counts["dropped_no_words"] += 1
+                continue
+        elif empty:
+            counts["dropped_blank"] += 1
+            continue
+        parts, repaired = {}, False
+        for field in plan.fields:
+            value = values[field]
+            if isinstance(value, str):
+                value, fixed = repair_line(value)
+                value = control_chars(value, where, labels[field], cfg.control_chars, drops, "simpsons")
+                repaired |= fixed
+            parts[field] = value
+        if plan.template:
+            try:
+                text = plan.template.format_map(parts)
+            except (ValueError, TypeError) as exc:
+                bad_row(where, f"simpsons.template {plan.template!r} cannot format it ({exc}; a CSV value is text, so a "
+                               f"numeric format such as {{minute:02d}} needs a Parquet file)", cfg.on_bad_rows, drops, "simpsons")
+                continue
+        else:
+            text = parts[plan.text_column]
+        counts["encoding_repairs"] += repaired
+        text = " ".join(text.split())
+        if text:
+            kept.append({"row": counts["rows_read"], "text": text})
+        else:
+            counts["dropped_no_words"] += 1
     counts["skipped_bad_rows"] = drops["bad_rows"]
     counts["dropped_control_chars"] = drops["control_chars"]
     counts["kept"] = len(kept)
     if not counts["rows_read"]:
         raise SourceError(f"{path}: the file holds no rows; there are no lines to read: check {setting}")
     if not kept:
-        if counts["skipped_bad_rows"] == counts["rows_read"]:
-            raise SourceError(f"{path}: all {counts['rows_read']} rows were skipped as bad rows (simpsons.on_bad_rows=skip); "
-                              f"set simpsons.on_bad_rows=error to see the first one")
-        close = difflib.get_close_matches(character, list(speakers), n=3, cutoff=0.5)
-        common = [name for name, _ in speakers.most_common(5)]
-        raise SourceError(
-            f"{path}: no rows with words for simpsons.character={character!r} among {counts['rows_read']} rows; "
-            f"close matches: {close or 'none'}; most frequent speakers: {common}. Check simpsons.character"
-        )
+        raise _nothing_kept(path, cfg, plan, counts, speakers)
     return kept, {k: counts[k] for k in SIMPSONS_COUNTS}
+
+
+def _nothing_kept(path: Path, cfg: SimpsonsConfig, plan: LinePlan, counts: Counter, speakers: Counter) -> SourceError:
+    """The error for a source that gave no line: how many rows were read, what dropped them, and for a filter its common values."""
+    read = counts["rows_read"]
+    if counts["skipped_bad_rows"] == read:
+        return SourceError(f"{path}: all {read} rows were skipped as bad rows (simpsons.on_bad_rows=skip); "
+                           f"set simpsons.on_bad_rows=error to see the first one")
+    dropped = ", ".join(f"{counts[k]} {k}" for k in SIMPSONS_COUNTS if k.startswith(("dropped_", "skipped_")) and counts[k])
+    if not plan.filter_column:
+        made = f"simpsons.template {plan.template!r}" if plan.template else f"the text column {plan.text_column!r}"
+        return SourceError(f"{path}: no line with words among {read} rows read (no filter; {dropped}): {made} is blank in "
+                           f"every row; check simpsons.text_column or simpsons.template")
+    close = difflib.get_close_matches(cfg.character, list(speakers), n=3, cutoff=0.5)
+    common = [name for name, _ in speakers.most_common(5)]
+    return SourceError(
+        f"{path}: no rows with words for simpsons.character={cfg.character!r} among {read} rows read "
+        f"(filter: column {plan.filter_column!r} equal to it; {dropped})"
+        + (f"; did you mean {close[0]!r}?" if close else "")
+        + f" close matches: {close or 'none'}; most common values of {plan.filter_column!r}: {common}. "
+        f"Check simpsons.character (or simpsons.character_column; '' keeps every row)"
+    )
+
+
+def read_simpsons_csv(path: Path, character: str, setting: str = "simpsons.path", control_chars_mode: str = "error",
+                      on_bad_rows: str = "error") -> tuple[list[dict], dict]:
+    """read_simpsons with the Kaggle file's columns (raw_character_text, spoken_words), keeping `character`'s lines."""
+    cfg = SimpsonsConfig(character=character, control_chars=control_chars_mode, on_bad_rows=on_bad_rows)
+    return read_simpsons(path, cfg, setting)
