@@ -10,6 +10,11 @@ PREFECT_API_AUTH_STRING (`Stack.rest` and `Stack.client` send it too), and the `
 fixture logs in to the UI with it when a test also uses `stack`. Every process started here is
 recorded and stopped by its own PID (and its process group, and the flow-run processes it
 started) at teardown, also when a test fails. Every wait is bounded and says what it waited for.
+
+The server keeps its state in SQLite under the stack's PREFECT_HOME, or, given
+`Stack(root, database_url=...)` (the `postgres_url` fixture: a fresh database on the machine's
+PostgreSQL, dropped afterwards), in PostgreSQL through PREFECT_SERVER_DATABASE_CONNECTION_URL,
+as the cluster tests run it.
 """
 
 from __future__ import annotations
@@ -120,8 +125,9 @@ def stop_pids(pids: Iterable[int], grace: float = 10.0) -> None:
 class Stack:
     """A Prefect server, work pool, deployments and workers for one test module."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, database_url: str | None = None):
         self.root = root
+        self.database_url = database_url  # None: SQLite in PREFECT_HOME; else postgresql+asyncpg://... (server only)
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.ui_url = f"http://127.0.0.1:{self.port}"
@@ -149,6 +155,8 @@ class Stack:
         })
         self.env = env
         self.server_env = {**env, "PREFECT_SERVER_API_AUTH_STRING": self.auth_string}  # the server alone
+        if database_url:
+            self.server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
         self.procs: dict[str, subprocess.Popen] = {}
         self.workers: dict[str, str] = {}  # worker name -> its pool
         self.started: list[int] = []  # every PID we started, and flow-run PIDs seen, for teardown
@@ -210,8 +218,9 @@ class Stack:
             pytest.fail(f"`prefect {' '.join(args)}` exited {done.returncode}:\n{done.stdout}\n{done.stderr}", pytrace=False)
         return done.stdout + done.stderr
 
-    def start_server(self) -> None:
-        proc = self.spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(self.port), env=self.server_env)
+    def start_server(self, host: str = "127.0.0.1") -> None:
+        """`prefect server start` on `host` (the cluster tests bind 0.0.0.0 in a host of its own) and self.port."""
+        proc = self.spawn("server", "server", "start", "--host", host, "--port", str(self.port), env=self.server_env)
 
         def healthy():
             if proc.poll() is not None:
@@ -219,6 +228,13 @@ class Stack:
             return httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200  # open: probes need no string
 
         wait_until(f"the Prefect server on {self.api_url}", healthy, timeout=120, detail=lambda: self.log_tail("server"))
+
+    def provision(self) -> str:
+        """prefect.yaml's pools, the `gpu` limit and `prefect deploy --all`; returns deploy's output."""
+        for pool in POOLS:
+            self.cli("work-pool", "create", pool, "--type", "process")
+        self.cli("gcl", "create", "gpu", "--limit", "1")
+        return self.cli("--no-prompt", "deploy", "--all", timeout=240)
 
     def start_worker(self, name: str, pool: str = POOL, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
         proc = self.spawn(name, "worker", "start", "--pool", pool, "--name", name, "--type", "process", env=env, cwd=cwd)
@@ -299,16 +315,28 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 
 
 @pytest.fixture(scope="module")
+def postgres_url():
+    """A fresh PostgreSQL database for one module's server (`Stack(root, database_url=...)`), as
+    postgresql+asyncpg://..., dropped at module end. Skips, saying why, when no PostgreSQL answers
+    at HOMER_TEST_POSTGRES (fails when CI=true: `make test` starts one)."""
+    from tests.postgres import fresh_database, postgres_problem
+
+    if (why := postgres_problem()) is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
+    with fresh_database("homer_e2e") as db:
+        yield db.asyncpg_url
+
+
+@pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """Server (with an auth string) + both pools + `prefect deploy --all` + a worker per pool
     (`worker-1` on homer-pool, `gpu-worker-1` on homer-gpu), torn down by PID at module end."""
     stack = Stack(tmp_path_factory.mktemp("e2e"))
     try:
         stack.start_server()
-        for pool in POOLS:
-            stack.cli("work-pool", "create", pool, "--type", "process")
-        stack.cli("gcl", "create", "gpu", "--limit", "1")
-        stack.deploy_output = stack.cli("--no-prompt", "deploy", "--all", timeout=240)
+        stack.deploy_output = stack.provision()
         stack.start_worker("worker-1", POOL)
         stack.start_worker("gpu-worker-1", GPU_POOL)
         yield stack

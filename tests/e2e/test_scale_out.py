@@ -1,11 +1,15 @@
-"""Scaling out, end to end: a server with an auth string, two workers on the two pools, artifacts in a bucket.
+"""Scaling out, end to end: a server on PostgreSQL with an auth string, two workers on the two pools,
+artifacts in a bucket.
 
 Each worker is a "machine" of its own: its own empty working directory, HOME, PREFECT_HOME
 and cache; the two share only the bucket (moto's S3 server on a loopback port, reached
 through AWS_ENDPOINT_URL). The data stages run on the CPU worker (homer-pool), training on
 the GPU worker (homer-gpu); a stage re-triggered through the API then reads the bucket's
 latest. Outputs are written under a Prefect lease per output (HOMER_OUTPUT_LOCK=auto with a
-real server and a root in a store).
+real server and a root in a store). The server keeps its state in a fresh database on the
+machine's PostgreSQL, as a cluster's server does (the test skips, saying why, without one).
+
+    python -m pytest tests/e2e/test_scale_out.py -q
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from pathlib import Path
 import pytest
 
 from flows.config import PROFILES
-from tests.e2e.conftest import GPU_POOL, POOL, POOLS, Stack, alive, descendants, free_port, stop_pids
+from tests.e2e.conftest import GPU_POOL, POOL, Stack, free_port, stop_pids
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.slow]
 
 SAMPLE = PROFILES["sample"]
 TINY_TRAIN = {"model": {"embedding_dim": 16, "hidden_sizes": [32], "dropout": 0.0},
@@ -33,14 +37,14 @@ SECRET = f"homer-e2e-secret-{secrets.token_hex(8)}"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, postgres_url):
     from moto.server import ThreadedMotoServer
 
     root = tmp_path_factory.mktemp("scale-out")
     port = free_port()
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     s3.start()
-    stack = Stack(root)
+    stack = Stack(root, database_url=postgres_url)
     aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "homer-e2e-key", "AWS_SECRET_ACCESS_KEY": SECRET,
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": str(root / "no-aws-config"),
            "AWS_SHARED_CREDENTIALS_FILE": str(root / "no-aws-credentials"), "AWS_EC2_METADATA_DISABLED": "true"}
@@ -53,10 +57,7 @@ def cluster(tmp_path_factory):
         boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], aws_access_key_id="homer-e2e-key", aws_secret_access_key=SECRET,
                      region_name="us-east-1").create_bucket(Bucket=BUCKET)
         stack.start_server()
-        for pool in POOLS:
-            stack.cli("work-pool", "create", pool, "--type", "process")
-        stack.cli("gcl", "create", "gpu", "--limit", "1")
-        stack.cli("--no-prompt", "deploy", "--all", timeout=240)
+        stack.provision()
         for name, pool in (("cpu-machine", POOL), ("gpu-machine", GPU_POOL)):
             home = root / name
             home.mkdir()
