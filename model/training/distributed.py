@@ -37,14 +37,22 @@ Run it by hand, on one machine (W = 2 processes; CPU or one GPU each):
         --shards data/prepare/<fp>/shards/wikipedia --vocab data/prepare/<fp>/vocab.json --out /tmp/run \\
         --set batch_size=64 --set model.hidden_sizes=[64,64]
 
-(`nproc_per_node` and `nnodes` come from torchrun). On two machines, run on each:
+(`nproc_per_node` and `nnodes` come from torchrun). Or let this module start torchrun and watch
+it (PIDs, cleanup, Ctrl-C saves last/): the same options without torchrun, and `--set nproc_per_node=2`.
 
-    python -m torch.distributed.run --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d \\
-        --rdzv-endpoint HOST:29400 --rdzv-id myrun -m model.training.distributed ... --out SHARED/run
+Several machines (`train.nnodes` > 1): each machine runs the same stage with its own
+`train.node_rank` (0 on the first), and torchrun meets at `train.rdzv_endpoint`, the FIRST
+machine's host:port, with a static rendezvous: node_rank N holds ranks N × nproc_per_node and up,
+so rank 0, the one writer, is always on machine 0. Machine 0 runs the stage as usual (its lock,
+its output, the commit); every other machine trains its share into a local directory of its own
+that nothing reads, commits nothing, and `launch()` returns None there (the stage then waits for
+machine 0's commit). Every rank reports its host name; rank 0 passes the list (by rank) to
+`launch(on_world=...)`, and the stage records it in the manifest. On CPU, gloo binds to the address
+the host name resolves to: set GLOO_SOCKET_IFNAME to the interface the machines share if it does
+not resolve to one (e.g. `eth0`). By hand, on machine N (N = 0, 1):
 
-with the data and `--out` on a filesystem both see (rank 0, wherever it lands, writes). Or let
-this module start torchrun and watch it (PIDs, cleanup, Ctrl-C saves last/): the same options
-without torchrun, and `--set nproc_per_node=2`.
+    python -m torch.distributed.run --nnodes 2 --nproc-per-node 1 --node-rank N --rdzv-backend static \\
+        --rdzv-endpoint MACHINE0:29400 -m model.training.distributed ... --out RUN
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -230,6 +239,10 @@ def run_rank(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir
         device = rank_device(train_config.device, local_rank)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
         ranks = DDPRanks(rank, size, device)
+        hosts: list = [None] * size
+        dist.all_gather_object(hosts, socket.gethostname())  # where each rank runs, by rank (for the manifest)
+        if events is not None:
+            events.write("world", hosts=hosts)
         result = train(model_config=model_config, train_config=train_config, shards_dir=shards_dir, out_dir=out_dir,
                        vocab=vocab, init_from=init_from, callbacks=callbacks, ranks=ranks)
     except TrainingStopped as exc:
@@ -265,14 +278,20 @@ def torchrun_args(cfg: TrainConfig, rdzv_id: str) -> list[str]:
     args = ["--nproc-per-node", str(cfg.nproc_per_node), "--nnodes", str(cfg.nnodes), "--max-restarts", "0"]
     if cfg.rdzv_endpoint is None:
         return args + ["--standalone"]  # a c10d rendezvous on a free local port
-    return args + ["--rdzv-backend", "c10d", "--rdzv-endpoint", cfg.rdzv_endpoint, "--rdzv-id", cfg.rdzv_id or rdzv_id]
+    # A static rendezvous (a store at machine 0's endpoint): node_rank N gets ranks from N × nproc_per_node,
+    # so rank 0, the one writer, runs on machine 0 (c10d's dynamic one orders machines by address and PID).
+    return args + ["--rdzv-backend", "static", "--rdzv-endpoint", cfg.rdzv_endpoint, "--node-rank", str(cfg.node_rank),
+                   "--rdzv-id", cfg.rdzv_id or rdzv_id]
 
 
 def launch(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, out_dir, vocab: Vocab, init_from=None,
-           callbacks: TrainCallbacks | None = None, grace_s: float = GRACE_S) -> TrainResult:
+           callbacks: TrainCallbacks | None = None, grace_s: float = GRACE_S,
+           on_world: Callable[[list[str]], None] | None = None) -> TrainResult | None:
     """Train with `train_config.world_size` processes under torchrun; `loop.train()`'s contract (see the module docstring).
 
-    Returns rank 0's TrainResult (or the finished run in out_dir); raises TrainingStopped after a
+    Returns rank 0's TrainResult (or the finished run in out_dir), or None on a machine with
+    `train_config.node_rank` > 0 (rank 0, and the result, are on machine 0); calls
+    `on_world(hosts)` with each rank's host name, by rank, once they have met. Raises TrainingStopped after a
     stop, the rank's own error for a final one (a NaN, a bad checkpoint or shard, a ValueError),
     else DistributedTrainingError. Every process it started has ended when it returns or raises.
     """
@@ -299,7 +318,7 @@ def launch(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, 
     with open(run_dir / "torchrun.log", "wb") as output:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    replay = _Replay(run_dir / "events.jsonl", callbacks)
+    replay = _Replay(run_dir / "events.jsonl", callbacks, on_world)
     stopping, signalled = None, set()
     try:
         while proc.poll() is None:
@@ -316,14 +335,18 @@ def launch(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, 
         replay.pump()
     finally:  # a stop that outlasted its grace has had its SIGTERM: straight to SIGKILL
         _end(proc, run_dir, 0.0 if stopping is not None and time.monotonic() - stopping > grace_s else grace_s)
+    if proc.returncode == 0 and train_config.node_rank > 0 and stopping is None:  # machine 0 holds rank 0 and its result
+        _remove(run_dir)
+        return None
     return _outcome(proc.returncode, run_dir, out_dir, stopped=stopping is not None)
 
 
 class _Replay:
     """Calls the launcher's callbacks for the events rank 0 appends to events.jsonl."""
 
-    def __init__(self, path: Path, callbacks: TrainCallbacks):
+    def __init__(self, path: Path, callbacks: TrainCallbacks, on_world: Callable[[list[str]], None] | None = None):
         self.path, self.callbacks, self.offset, self.partial = path, callbacks, 0, b""
+        self.on_world = on_world
 
     def pump(self) -> None:
         try:
@@ -340,6 +363,9 @@ class _Replay:
             kind = event["kind"]
             if kind == "step" and cb.on_step:
                 cb.on_step(event["step"], event["epoch"])
+            elif kind == "world":
+                if self.on_world:
+                    self.on_world(event["hosts"])
             elif kind == "checkpoint" and cb.on_checkpoint:
                 cb.on_checkpoint(event["which"], Path(event["path"]))
             elif (handler := {"log": cb.on_log, "eval": cb.on_eval, "epoch": cb.on_epoch_end}.get(kind)) is not None:
@@ -552,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     except DistributedTrainingError as exc:
         log.error("%s", exc)
         return 1
-    print(json.dumps(asdict(result)))
+    if result is not None:  # None: a machine other than the first (node_rank > 0), which has no result
+        print(json.dumps(asdict(result)))
     return 0
 
 
