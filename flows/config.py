@@ -51,7 +51,7 @@ class GenerateConfig(BaseModel):
 
     checkpoint: str = Field("latest", description="'latest' (newest finetune, else pretrain), a fingerprint or a checkpoint directory")
     prompt: str = Field("Marge, ", description="text the samples continue")
-    length: int = Field(200, ge=1, le=100_000, description="characters to generate per sample")
+    length: int = Field(200, ge=1, le=100_000, description="tokens to generate per sample: characters, or words / BPE pieces with prepare.tokenizer word / bpe")
     num_samples: int = Field(3, ge=1, le=1024, description="samples generated at once, as one batch")
     temperature: float = Field(0.8, gt=0, le=1000, allow_inf_nan=False, description="softmax temperature")
     top_k: int | None = Field(None, ge=1, le=1_000_000, description="sample from the k most likely characters only")
@@ -66,7 +66,7 @@ class ReportConfig(BaseModel):
 
     temperatures: list[Temperature] = Field([0.5, 1.0, 1.2], min_length=1, max_length=32, description="sampling temperatures shown in the report (each above 0)")
     prompt: str = Field("Marge, ", description="prompt of the report's samples")
-    length: int = Field(200, ge=1, le=100_000, description="characters per sample")
+    length: int = Field(200, ge=1, le=100_000, description="tokens per sample: characters, or words / BPE pieces with prepare.tokenizer word / bpe")
     num_samples: int = Field(2, ge=1, le=1024, description="samples per temperature")
     seed: int = Field(0, description="random seed of the samples")
 

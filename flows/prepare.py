@@ -97,10 +97,10 @@ def prepare(
     data_dir: str | None = None,
     start_from: StartFrom = "latest",
 ) -> StageRef:
-    """Build corpora, the character vocabulary and train/val/test shards from the ingested data.
+    """Build corpora, the vocabulary (prepare.tokenizer: char, word or bpe) and train/val/test shards from the ingested data.
 
     Args:
-        config: sequence length, validation split, vocabulary and shard settings; where the parts run (task_runner, max_workers, dask_address)
+        config: sequence length, validation split, tokenizer, vocabulary and shard settings; where the parts run (task_runner, max_workers, dask_address)
         wikipedia: ingest-wikipedia output (fingerprint or directory); empty = the latest
         simpsons: ingest-simpsons output (fingerprint or directory); empty = the latest
         data_dir: artifact root (default: $HOMER_DATA_DIR or ./data)

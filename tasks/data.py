@@ -5,8 +5,9 @@ output through the artifact store (temporary directory, manifest, rename) and re
 a StageRef. The cache key is the output fingerprint, so a re-run is Cached.
 
 `prepare` is written by small mapped tasks (model.data.prepare explains the parts):
-`prepare-corpus` per corpus, `prepare-count` per part, `prepare-vocab` once,
-`prepare-shards` per part, `prepare-merge` per corpus. Each takes plain arguments and
+`prepare-corpus` per corpus, `prepare-count` per part, `prepare-vocab` once (with
+tokenizer bpe: `prepare-bpe` once, before counting), `prepare-shards` per part,
+`prepare-merge` per corpus. Each takes plain arguments and
 writes its files into a location given as a string, `work`: the staging directory of the
 output, or, for mapped tasks on other machines, a folder in the artifact root's object
 store (`upload-<time>-<id>/` under the output, which `homer gc` treats as a writer's
@@ -33,11 +34,12 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from model.data.prepare import (Part, PrepareConfig, PrepareError, count_part, merge_pieces, plan_parts, shard_counts,
-                                shard_layout, simpsons_documents, wikipedia_documents, write_corpus, write_part_shards)
+                                shard_layout, simpsons_documents, split_of, wikipedia_documents, write_corpus, write_part_shards)
 from model.data.shards import list_shards
-from model.data.sources import (SimpsonsConfig, SourceError, WikipediaConfig, download_simpsons, read_simpsons_csv, read_wikipedia,
+from model.data.sources import (SimpsonsConfig, SourceError, WikipediaConfig, download_simpsons, read_simpsons, read_wikipedia,
                                 wikipedia_location)
 from model.store.outputs import StageRef, data_root, manifest_for, ref_for, remote_of, staging, write_manifest
+from model.data.tokenizers import TOKENIZER_FILE, build_word_vocab, train_bpe, with_counts
 from model.data.vocab import Vocab, build_vocab
 from tasks.common import _logger, complete_ref, stage_cache_key, stage_fingerprint
 
@@ -87,7 +89,7 @@ def ingest_simpsons_task(config: SimpsonsConfig, root: str | None = None, inputs
     started = time.monotonic()
     csv_path = download_simpsons(config)
     setting = {"local": "simpsons.path", "sample": "the bundled sample", "kaggle": "simpsons.handle"}[config.source]
-    lines, counts = read_simpsons_csv(csv_path, config.character, setting, config.control_chars, config.on_bad_rows)
+    lines, counts = read_simpsons(csv_path, config, setting)
     with staging(root, stage, fp) as tmp:
         pq.write_table(pa.Table.from_pylist(lines, schema=LINE_SCHEMA), tmp / "lines.parquet", compression="zstd")
         counts = dict(counts, chars=sum(len(x["text"]) for x in lines), seconds=round(time.monotonic() - started, 2))
@@ -167,17 +169,16 @@ def work_folder(work: str) -> Iterator[Path]:
             store.fs.put([str(f) for f in files], [store.path(f.relative_to(tmp).as_posix()) for f in files])
 
 
-@contextlib.contextmanager
-def work_file(work: str, rel: str) -> Iterator[Path]:
-    """The file `<work>/<rel>` as a local path (for a URL: a temporary download)."""
+def work_vocab(work: str):
+    """The vocabulary written at `work` (vocab.json, and a BPE's tokenizer.json beside it; for a URL: downloaded)."""
     if not _is_url(work):
-        yield Path(work) / rel
-        return
+        return Vocab.load(Path(work) / "vocab.json")
     store = _store(work)
     with tempfile.TemporaryDirectory(prefix="homer-part-") as tmp:
-        local = Path(tmp) / Path(rel).name
-        store.fs.get(store.path(rel), str(local))
-        yield local
+        for name in ("vocab.json", TOKENIZER_FILE):
+            if name == "vocab.json" or store.fs.exists(store.path(name)):
+                store.fs.get(store.path(name), str(Path(tmp) / name))
+        return Vocab.load(Path(tmp) / "vocab.json")
 
 
 @contextlib.contextmanager
@@ -233,30 +234,51 @@ def prepare_corpus_task(corpus: str, source: StageRef, config: PrepareConfig, wo
 
 
 @task(name="prepare-count", task_run_name="count-{part.name}", **PART_TASK)
-def prepare_count_task(part: Part, source: StageRef, config: PrepareConfig) -> dict:
-    """A part's character counts, and its documents and windows per split (model.data.prepare.count_part); writes nothing."""
+def prepare_count_task(part: Part, source: StageRef, config: PrepareConfig, work: str | None = None) -> dict:
+    """A part's character (or word) counts, and its documents and windows per split (model.data.prepare.count_part);
+    writes nothing. With tokenizer bpe it counts tokens with the BPE already trained at `work`."""
     with _naming(f"{part.describe()}, read from {_source_file(part.corpus, source)}"):
-        return count_part(_documents(part.corpus, source, config, part.start, part.stop), config)
+        vocab = work_vocab(work) if config.tokenizer == "bpe" else None
+        return count_part(_documents(part.corpus, source, config, part.start, part.stop), config, vocab)
 
 
-@task(name="prepare-vocab", **PART_TASK)
-def prepare_vocab_task(char_counts: list[dict[str, int]], min_count: int, work: str) -> dict:
-    """The vocabulary from every part's character counts: `vocab.json` at `work`; returns its size and fingerprint."""
-    counts: Counter = Counter()
-    for part in char_counts:
-        counts.update(part)
-    vocab = build_vocab(counts, min_count)
+def _saved(vocab, work: str) -> dict:
     with work_folder(work) as out:
         vocab.save(out / "vocab.json")
     return {"size": vocab.size, "fingerprint": vocab.fingerprint}
+
+
+@task(name="prepare-vocab", **PART_TASK)
+def prepare_vocab_task(counts_of_parts: list[dict[str, int]], config: PrepareConfig, work: str) -> dict:
+    """The char or word vocabulary from every part's counts: `vocab.json` at `work`; returns its size and fingerprint."""
+    counts: Counter = Counter()
+    for part in counts_of_parts:
+        counts.update(part)
+    if config.tokenizer == "word":
+        return _saved(build_word_vocab(counts, config.min_count, config.max_vocab), work)
+    return _saved(build_vocab(counts, config.min_count), work)
+
+
+@task(name="prepare-bpe", **PART_TASK)
+def prepare_bpe_task(parts: list[Part], sources: list[StageRef], config: PrepareConfig, work: str) -> dict:
+    """Train the byte-level BPE on the train documents of every part (in corpus order): `vocab.json` and
+    `tokenizer.json` at `work`; returns its size and fingerprint."""
+    def train_texts() -> Iterator[list[str]]:
+        for part, source in zip(parts, sources):
+            with _naming(f"{part.describe()}, read from {_source_file(part.corpus, source)}"):
+                for doc_ids, texts in _documents(part.corpus, source, config, part.start, part.stop):
+                    split = split_of(doc_ids, config.val_fraction, config.test_fraction, config.split_salt)  # (D,) 0 = train
+                    yield [text for text, s in zip(texts, split.tolist()) if s == 0]
+
+    vocab = train_bpe((text for texts in train_texts() for text in texts), config.vocab_size, config.min_count)
+    return _saved(with_counts(vocab, train_texts()), work)
 
 
 @task(name="prepare-shards", task_run_name="shards-{part.name}", **PART_TASK)
 def prepare_shards_task(part: Part, source: StageRef, place: dict[str, dict[str, int]], config: PrepareConfig, work: str) -> dict:
     """Encode a part and write its shards at `work` where shard_layout placed them (`place`); returns its counts."""
     with _naming(f"{part.describe()}, read from {_source_file(part.corpus, source)}"):
-        with work_file(work, "vocab.json") as vocab_path:
-            vocab = Vocab.load(vocab_path)
+        vocab = work_vocab(work)
         batches = _documents(part.corpus, source, config, part.start, part.stop)
         with work_folder(work) as out:
             return write_part_shards(batches, vocab, out / "shards" / part.corpus, out / PIECES / part.corpus,
@@ -264,12 +286,13 @@ def prepare_shards_task(part: Part, source: StageRef, place: dict[str, dict[str,
 
 
 @task(name="prepare-merge", task_run_name="merge-{corpus}", **PART_TASK)
-def prepare_merge_task(corpus: str, totals: dict[str, dict[str, int]], vocab_fingerprint: str, config: PrepareConfig, work: str) -> int:
+def prepare_merge_task(corpus: str, totals: dict[str, dict[str, int]], config: PrepareConfig, work: str) -> int:
     """Join the pieces of the shards the corpus's parts share; returns how many shards that made."""
     with _naming(f"merging the {corpus} shards that parts share"):
+        vocab = work_vocab(work)
         with work_files(work, f"{PIECES}/{corpus}") as pieces, work_folder(work) as out:
             merged = merge_pieces(pieces, out / "shards" / corpus, out / SCRATCH / f"merge-{corpus}", corpus, totals,
-                                  vocab_fingerprint, config)
+                                  vocab, config)
         return merged
 
 
@@ -309,15 +332,18 @@ def write_prepare(config: PrepareConfig, inputs: dict[str, StageRef], root: Path
         work = (store_work_location(root, fp) if work_in_store else None) or str(tmp)
         try:
             corpora = runner.map(prepare_corpus_task, list(CORPORA), [inputs[c] for c in CORPORA], config=config, work=work)
-            counted = runner.gather(runner.map(prepare_count_task, parts, [inputs[p.corpus] for p in parts], config=config))
+            if config.tokenizer == "bpe":  # its token counts (and so the windows) depend on the trained merges
+                vocab = runner.call(prepare_bpe_task, parts, [inputs[p.corpus] for p in parts], config, work)
+            counted = runner.gather(runner.map(prepare_count_task, parts, [inputs[p.corpus] for p in parts], config=config, work=work))
             layout = shard_layout(parts, counted, config)
-            vocab = runner.call(prepare_vocab_task, [c["char_counts"] for c in counted], config.min_count, work)
-            log.info("vocabulary: %d entries (%s)", vocab["size"], vocab["fingerprint"])
+            if config.tokenizer != "bpe":
+                counts_key = "word_counts" if config.tokenizer == "word" else "char_counts"
+                vocab = runner.call(prepare_vocab_task, [c[counts_key] for c in counted], config, work)
+            log.info("%s vocabulary: %d entries (%s)", config.tokenizer, vocab["size"], vocab["fingerprint"])
             written = runner.gather(runner.map(prepare_shards_task, parts, [inputs[p.corpus] for p in parts],
                                                [layout[p.name] for p in parts], config=config, work=work))
             totals = {p.corpus: layout[p.name] for p in parts}  # any part's layout holds its corpus's totals
-            runner.gather(runner.map(prepare_merge_task, list(CORPORA), [totals[c] for c in CORPORA],
-                                     vocab_fingerprint=vocab["fingerprint"], config=config, work=work))
+            runner.gather(runner.map(prepare_merge_task, list(CORPORA), [totals[c] for c in CORPORA], config=config, work=work))
             corpora = dict(zip(CORPORA, runner.gather(corpora)))
             if work != str(tmp):
                 fetch_work(work, tmp)
@@ -338,6 +364,7 @@ def write_prepare(config: PrepareConfig, inputs: dict[str, StageRef], root: Path
                     raise PrepareError(f"prepare: {len(found)} {corpus} {split} shards, {totals[corpus][split]['shards']} expected")
             log.info("%s: %d train / %d val / %d test windows", corpus, *(shards[corpus][s]["windows"] for s in ("train", "val", "test")))
         counts = {
+            "tokenizer": config.tokenizer,
             "vocab_size": vocab["size"],
             "vocab_fingerprint": vocab["fingerprint"],
             "corpora": corpora,

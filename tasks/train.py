@@ -10,12 +10,14 @@ work instead of starting over. Cancellation (SIGTERM from the worker) saves `las
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import json
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -31,8 +33,9 @@ from model.network.rnn import ModelConfig
 from model.training.progress import TerminalProgress
 from model.data.shards import ShardError, list_shards
 from model.store.outputs import (StageRef, StoreError, check_writable, data_root, exclusive, manifest_for, output_dir, publish_to_store,
-                                 ref_for, remote_of, set_latest, write_manifest)
+                                 MANIFEST, ref_for, remote_of, set_latest, write_manifest)
 from model.training.loop import NonFiniteLossError, TrainCallbacks, TrainConfig, TrainingStopped, train
+from model.training.sweep import watch_trial
 from model.data.vocab import Vocab, VocabularyError
 from tasks.artifacts import location_markdown, png_markdown
 from tasks.common import artifact_key, complete_ref, run_stage_task, stage_cache_key, stage_fingerprint
@@ -58,7 +61,7 @@ class _RequestedCancelIsNoError(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR:
             cancelled = record.exc_info and isinstance(record.exc_info[1], CancelledRun)
-            if cancelled or record.getMessage().startswith("Finished in state Cancelled"):
+            if cancelled or record.getMessage().startswith(("Finished in state Cancelled", "Finished in state Pruned")):
                 record.levelno, record.levelname = logging.INFO, "INFO"
                 if cancelled:
                     record.msg, record.args = f"Finished: cancelled on request ({record.exc_info[1]})", None
@@ -109,10 +112,17 @@ def prefect_callbacks(stage: str, total_steps: int, stop: _StopFlag, history: li
 
     terminal = terminal or TerminalProgress(stage, total_steps, stream=io.StringIO())  # none given: silent
 
+    def cosmetic(what: str, call: Callable, *args, **kwargs) -> None:
+        """Artifacts are for people: a server that does not answer (a restart takes a minute) never stops a training."""
+        try:
+            call(*args, **kwargs)
+        except Exception as exc:  # the client gave up after its retries (PREFECT_CLIENT_MAX_RETRIES)
+            log.warning("could not update the %s artifact (%s); training goes on", what, type(exc).__name__)
+
     def on_log(m: dict) -> None:
         terminal.logged(m)
         log.info("step %d epoch %d loss %.4f chars/s %.0f lr %.2e", m["step"], m["epoch"], m["loss"], m["chars_per_s"], m["lr"])
-        update_progress_artifact(progress_id, progress=min(100.0, 100.0 * m["step"] / max(1, total_steps)))
+        cosmetic("progress", update_progress_artifact, progress_id, progress=min(100.0, 100.0 * m["step"] / max(1, total_steps)))
 
     def on_eval(m: dict) -> None:
         log.info("validation at step %d: %.4f nats/char, %.4f bits/char%s", m["step"], m["val_loss"], m["val_bpc"],
@@ -120,10 +130,10 @@ def prefect_callbacks(stage: str, total_steps: int, stop: _StopFlag, history: li
 
     def on_epoch_end(m: dict) -> None:
         epochs.append(_rounded(m))
-        create_table_artifact(key=artifact_key(stage, "epochs"), table=epochs, description=f"{stage}: metrics per epoch")
+        cosmetic("epochs", create_table_artifact, key=artifact_key(stage, "epochs"), table=epochs, description=f"{stage}: metrics per epoch")
 
     def finished() -> None:
-        update_progress_artifact(progress_id, progress=100.0)
+        cosmetic("progress", update_progress_artifact, progress_id, progress=100.0)
 
     callbacks = TrainCallbacks(on_log=on_log, on_eval=on_eval, on_epoch_end=on_epoch_end, should_stop=lambda: stop.stop,
                                on_step=terminal.step)
@@ -250,8 +260,10 @@ def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: 
     check_writable(root)
     log = get_run_logger()
     shards = prepare.dir / "shards" / corpus
-    with output_lock(root, stage, fp):
+    follower = train_config.node_rank > 0  # another machine of a training on several: it trains its share, machine 0 commits
+    with contextlib.nullcontext() if follower else output_lock(root, stage, fp):
         if ref := complete_ref(root, stage, fp):  # another run finished it while we waited for the lock
+            log.info("another run finished %s %s while this one waited for it; reusing it", stage, fp)
             return ref
         out.mkdir(parents=True, exist_ok=True)
         remote = remote_of(root)
@@ -265,22 +277,31 @@ def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: 
         history = read_state(previous)["history"] if previous else []
         total_steps = plan_steps(shards, train_config)
         terminal = TerminalProgress(stage, total_steps, train_config.epochs)  # a live line only when stderr is a terminal
-        with _StopFlag() as stop, gpu_slot(train_config.device):
+        hosts = [socket.gethostname()]  # where it trained (by rank, once torchrun's ranks have met)
+        with _StopFlag() as stop, contextlib.nullcontext() if follower else gpu_slot(train_config.device):
             callbacks, finished = prefect_callbacks(stage, total_steps, stop, history, terminal)
-            if remote is not None:
+            pruning = watch_trial(callbacks)  # a sweep's trial (flows/sweep.py): each validation reported, pruned = stopped
+            if remote is not None and not follower:
                 callbacks.on_checkpoint = lambda kind, path: push_progress(remote, stage, fp, out, kind, path)
             log.info("training %s into %s: %d steps planned", stage, out, total_steps)
             run = train  # in this process
             if train_config.world_size > 1:  # torchrun's processes (DDP); rank 0 commits; a retry of this task resumes
-                from model.training.distributed import launch as run
+                from model.training.distributed import launch
+
+                run = functools.partial(launch, on_world=lambda by_rank: hosts.__setitem__(slice(None), by_rank))
             try:
                 result = run(model_config=model_config, train_config=train_config, shards_dir=shards, out_dir=out,
                              vocab=vocab, init_from=init_from, callbacks=callbacks)
             except TrainingStopped as exc:  # asked for (Ctrl-C, SIGTERM, a cancel from the UI): not a failure
+                if pruning is not None and pruning.pruned_at is not None:  # no manifest: incomplete, never reused as finished
+                    log.info("pruned by the sweep at step %d; %s holds last/ (step %d), resumable, not complete", pruning.pruned_at, out, exc.step)
+                    return Cancelled(name="Pruned", message=f"pruned by the sweep at step {pruning.pruned_at}")
                 log.info("%s; last/ holds step %d", exc, exc.step)
                 return Cancelled(message=f"interrupted at step {exc.step}")
             finally:
                 terminal.close()  # end the progress line before anything else is printed
+            if result is None:  # node_rank > 0: machine 0 holds rank 0 and commits
+                return await_commit(root, stage, fp, train_config)
             finished()
         from model.report.scores import plot_losses  # matplotlib only where it is used
 
@@ -292,12 +313,33 @@ def train_stage(stage: str, *, config, model_config: ModelConfig, train_config: 
                   "num_parameters": read_state(out / "best")["num_parameters"], "seconds": round(time.monotonic() - started, 2)}
         manifest = manifest_for(stage, fp, config, inputs, counts, metrics)
         manifest["history"] = result.history
+        manifest["hosts"] = list(dict.fromkeys(hosts))  # the machines that trained it, machine 0 (rank 0) first
         write_manifest(out, manifest)
-        publish_to_store(root, stage, fp, out)
+        try:
+            publish_to_store(root, stage, fp, out)
+        except BaseException:  # not in the store (its link went down?): this machine's mirror must not read as complete either
+            (out / MANIFEST).unlink(missing_ok=True)
+            raise
         set_latest(root, stage, fp)
         if remote is not None:
             forget_progress(remote, stage, fp)
     return ref_for(root, stage, fp)
+
+
+COMMIT_WAIT_S = 600.0  # how long a machine with node_rank > 0 waits for machine 0's commit after training
+
+
+def await_commit(root: Path, stage: str, fp: str, train_config: TrainConfig, timeout_s: float = COMMIT_WAIT_S) -> StageRef:
+    """On a machine with node_rank > 0, once its ranks are done: machine 0's committed output, when it appears."""
+    get_run_logger().info("trained this machine's share (node_rank %d of %d); waiting for machine 0 (%s) to commit %s/%s",
+                          train_config.node_rank, train_config.nnodes, train_config.rdzv_endpoint, stage, fp)
+    deadline = time.monotonic() + timeout_s
+    while (ref := complete_ref(root, stage, fp)) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{stage}/{fp}: the ranks ended, but machine 0 (node_rank 0, at {train_config.rdzv_endpoint}) "
+                               f"committed no output in {timeout_s:.0f} s; see that machine's run of the stage")
+        time.sleep(1.0)
+    return ref
 
 
 PROGRESS_METRICS = "progress-metrics.jsonl"  # <fp>/ in the store: metrics.jsonl of a training in progress, beside last.json

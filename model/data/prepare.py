@@ -20,6 +20,13 @@ to a one-part run (`write_shards`) whatever the number of parts or workers.
 
 Validation chooses `best/` and early stopping; test is read only by the report.
 
+Tokens (`prepare.tokenizer`, see model.data.tokenizers): `char` (one id per character),
+`word` or `bpe`. Windows, lengths and seq_len count tokens; for word and BPE each window
+also records `target_chars`, the characters of text its scored targets cover, so every
+figure stays bits per character. Their vocabulary is built from the train split (BPE:
+trained before counting, since its token counts depend on it); the character vocabulary
+from every split, as before.
+
     python -m model.data.prepare CORPUS.parquet VOCAB.json OUT_DIR --seq-len 100
 """
 
@@ -39,6 +46,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.data.shards import DEFAULT_ROWS_PER_SHARD, ShardWriter, shard_name
+from model.data.tokenizers import WORD_RE
 from model.data.vocab import Vocab, count_chars
 
 CORPUS_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string())])
@@ -50,13 +58,27 @@ class PrepareError(ValueError):
     """The corpora cannot be turned into shards as configured."""
 
 
+# The tokenizer fields are left out of the fingerprint while they hold their defaults, so outputs made before they
+# existed (characters) keep their fingerprints.
+UNLESS_DEFAULT = {"fingerprint": "unless-default"}
+
+
 class PrepareConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    seq_len: int = Field(100, ge=1, le=100_000, description="characters per training sequence (windows hold seq_len + 1 ids)")
+    seq_len: int = Field(100, ge=1, le=100_000, description="tokens per training sequence (characters with tokenizer char; windows hold seq_len + 1 ids)")
     val_fraction: float = Field(0.1, gt=0, lt=1, allow_inf_nan=False, description="fraction of documents (by id hash) held out for validation: chooses best/ and early stopping")
     test_fraction: float = Field(0.1, gt=0, lt=1, allow_inf_nan=False, description="fraction of documents (by id hash) held out for the report's test figures; never read in training")
-    min_count: int = Field(1, ge=1, description="keep characters seen at least this many times; rarer ones become the unknown token")
+    min_count: int = Field(1, ge=1, description="char: keep characters seen at least this many times; word: words seen at least this many times in "
+                                                "the train split; rarer ones become the unknown token. bpe: the least count of a pair it merges")
+    tokenizer: Literal["char", "word", "bpe"] = Field("char", description="how text becomes tokens: char (one per character), word (lower-cased "
+                                                      "words, punctuation and newlines as tokens of their own), bpe (a byte-level BPE trained on the train split)",
+                                                      json_schema_extra=UNLESS_DEFAULT)
+    max_vocab: int | None = Field(None, ge=2, le=2**32, description="word: at most this many entries (the unknown token included), the most "
+                                                                   "frequent words kept; empty = no limit. Ids are uint32 past 65,536 entries",
+                                     json_schema_extra=UNLESS_DEFAULT)
+    vocab_size: int = Field(4096, ge=258, le=2**20, description="bpe: the vocabulary's size at most (the unknown token and the 256 bytes included)",
+                          json_schema_extra=UNLESS_DEFAULT)
     lines_per_doc: int = Field(20, ge=1, description="consecutive lines of the character grouped into one document")
     rows_per_shard: int = Field(DEFAULT_ROWS_PER_SHARD, ge=1, description="windows per Parquet shard (bounds memory while writing)")
     split_salt: str = Field("homer", description="salt of the document hash that assigns train/val/test; change it for another split")
@@ -181,30 +203,52 @@ def windows_of(ids: np.ndarray, lengths: np.ndarray, seq_len: int) -> tuple[np.n
     return gather_windows(ids, starts, seq_len), doc_of, overlap
 
 
-def encode_batch(vocab: Vocab, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(N,) ids of the texts concatenated, and (D,) their lengths in characters."""
-    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
-    return vocab.encode("".join(texts)), lengths
+def window_target_chars(chars: np.ndarray, starts: np.ndarray, overlap: np.ndarray, seq_len: int) -> np.ndarray:
+    """(W,) characters covered by each window's scored targets: tokens start + 1 + overlap .. start + seq_len.
+
+    chars: (N,) characters per token of the concatenated documents; starts, overlap: (W,).
+    """
+    csum = np.concatenate([[0], np.cumsum(chars, dtype=np.int64)])  # (N + 1,) csum[i] = chars of tokens [0, i)
+    return csum[starts + seq_len + 1] - csum[starts + 1 + overlap.astype(np.int64)]
 
 
 def route_batch(doc_ids, texts: list[str], vocab: Vocab, sinks: dict, stats: dict[str, Counter],
                 cfg: PrepareConfig) -> tuple[int, int, int]:
-    """Encode a batch of documents and hand each split its windows (`sinks[split].add(windows, overlap)`),
-    counting per split into `stats`; returns (unknown characters, characters, the longest document)."""
-    ids, lengths = encode_batch(vocab, texts)
+    """Encode a batch of documents and hand each split its windows (`sinks[split].add(windows, overlap[, target_chars])`),
+    counting per split into `stats`; returns (unknown tokens, tokens, the longest document in tokens).
+
+    Lengths count tokens; `chars` counts characters. For word and BPE the stats add `tokens` and
+    `scored_tokens`, and `scored_chars` is what the windows' target_chars sum to.
+    """
+    ids, lengths, chars = vocab.encode_docs(texts)  # (N,), (D,) tokens, (N,) characters per token or None (char)
+    text_chars = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))  # (D,)
     doc_split = split_of(doc_ids, cfg.val_fraction, cfg.test_fraction, cfg.split_salt)  # (D,)
     starts, doc_of, overlap = window_starts(lengths, cfg.seq_len)
+    targets = None if chars is None else window_target_chars(chars, starts, overlap, cfg.seq_len)  # (W,)
     window_split = doc_split[doc_of]  # (W,)
     short = lengths < cfg.seq_len + 1
     for index, split in enumerate(SPLITS):
         docs, rows = doc_split == index, window_split == index
-        sinks[split].add(gather_windows(ids, starts[rows], cfg.seq_len), overlap[rows])
+        windows = gather_windows(ids, starts[rows], cfg.seq_len)
         long_docs = docs & ~short
-        stats[split].update(documents=int(docs.sum()), chars=int(lengths[docs].sum()), windows=int(rows.sum()),
-                            scored_chars=int((lengths[long_docs] - 1).sum()),
+        if targets is None:
+            sinks[split].add(windows, overlap[rows])
+            scored = int((lengths[long_docs] - 1).sum())
+        else:
+            sinks[split].add(windows, overlap[rows], targets[rows])
+            scored = int(targets[rows].sum())
+            stats[split].update(tokens=int(lengths[docs].sum()), scored_tokens=int((lengths[long_docs] - 1).sum()))
+        stats[split].update(documents=int(docs.sum()), chars=int(text_chars[docs].sum()), windows=int(rows.sum()),
+                            scored_chars=scored,
                             short_documents=int((short & docs).sum()),
-                            chars_in_short_documents=int(lengths[short & docs].sum()))
+                            chars_in_short_documents=int(text_chars[short & docs].sum()))
     return int(np.count_nonzero(ids == vocab.unk_id)), len(ids), int(lengths.max(initial=0))
+
+
+def shard_writer(out_dir: Path, split: str, corpus: str, vocab: Vocab, cfg: PrepareConfig) -> ShardWriter:
+    """A ShardWriter for the vocabulary's ids (uint16 or uint32) with target_chars for word and BPE."""
+    return ShardWriter(out_dir, split, seq_len=cfg.seq_len, corpus=corpus, vocab_fingerprint=vocab.fingerprint,
+                       rows_per_shard=cfg.rows_per_shard, id_dtype=vocab.id_dtype, target_chars=vocab.kind != "char")
 
 
 def write_shards(corpus_path: Path, vocab: Vocab, out_dir: Path, corpus: str, cfg: PrepareConfig) -> dict:
@@ -213,11 +257,7 @@ def write_shards(corpus_path: Path, vocab: Vocab, out_dir: Path, corpus: str, cf
     `scored_chars` is what an evaluation of the split covers: every target once (a
     document's first character is context only, never a target).
     """
-    writers = {
-        split: ShardWriter(out_dir, split, seq_len=cfg.seq_len, corpus=corpus,
-                           vocab_fingerprint=vocab.fingerprint, rows_per_shard=cfg.rows_per_shard)
-        for split in SPLITS
-    }
+    writers = {split: shard_writer(out_dir, split, corpus, vocab, cfg) for split in SPLITS}
     stats = {s: Counter() for s in SPLITS}
     longest = unknown = total = 0
     for doc_ids, texts in iter_corpus(corpus_path):
@@ -237,9 +277,10 @@ def write_shards(corpus_path: Path, vocab: Vocab, out_dir: Path, corpus: str, cf
 
 
 def no_window_error(corpus: str, split: str, cfg: PrepareConfig, longest: int, documents: int) -> PrepareError:
+    unit = "characters" if cfg.tokenizer == "char" else f"{cfg.tokenizer} tokens"
     return PrepareError(
         f"prepare: the {corpus} corpus gives no {split} window: prepare.seq_len={cfg.seq_len} needs documents of "
-        f"at least {cfg.seq_len + 1} characters (the longest has {longest}) in each split "
+        f"at least {cfg.seq_len + 1} {unit} (the longest has {longest}) in each split "
         f"({documents} {split} documents); lower prepare.seq_len"
         + (", raise prepare.lines_per_doc" if corpus == "simpsons" else "")
         + (f", or raise prepare.{split}_fraction" if split != "train" else ", or lower prepare.val_fraction and prepare.test_fraction")
@@ -317,18 +358,32 @@ def simpsons_documents(path: Path, start: int, stop: int, lines_per_doc: int) ->
         yield [d for d, _ in batch], [t for _, t in batch]
 
 
-def count_part(batches: Iterator[tuple[list[str], list[str]]], cfg: PrepareConfig) -> dict:
-    """A part's character counts (for the vocabulary) and, per split, its documents and windows (no vocabulary needed).
+def count_part(batches: Iterator[tuple[list[str], list[str]]], cfg: PrepareConfig, vocab=None) -> dict:
+    """A part's counts for the vocabulary and, per split, its documents and windows.
 
-    Returns {"documents", "longest", "splits": {split: {"documents", "windows"}}, "char_counts": {char: n}}.
+    Returns {"documents", "longest", "splits": {split: {"documents", "windows"}}, "char_counts": {char: n}}
+    (char), with "word_counts": {word: n} over the train split's documents instead (word). Lengths
+    count tokens: no vocabulary is needed for char and word; bpe needs its trained `vocab`.
     """
+    if cfg.tokenizer == "bpe" and vocab is None:
+        raise PrepareError("count_part: prepare.tokenizer=bpe counts tokens with the trained BPE; pass vocab")
     chars: Counter = Counter()
+    words: Counter = Counter()
     splits = {split: {"documents": 0, "windows": 0} for split in SPLITS}
     documents = longest = 0
     for doc_ids, texts in batches:
-        chars.update(count_chars(["".join(texts)]))
-        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))  # (D,)
         doc_split = split_of(doc_ids, cfg.val_fraction, cfg.test_fraction, cfg.split_salt)  # (D,)
+        if cfg.tokenizer == "char":
+            chars.update(count_chars(["".join(texts)]))
+            lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))  # (D,)
+        elif cfg.tokenizer == "word":
+            tokens = [WORD_RE.findall(text) for text in texts]
+            lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(texts))  # (D,)
+            for found, split in zip(tokens, doc_split.tolist()):
+                if split == 0:  # the vocabulary comes from the train split
+                    words.update(t.lower() for t in found)
+        else:
+            lengths = vocab.encode_docs(texts)[1]  # (D,)
         n_windows = window_counts(lengths, cfg.seq_len)  # (D,)
         for index, split in enumerate(SPLITS):
             docs = doc_split == index
@@ -336,7 +391,12 @@ def count_part(batches: Iterator[tuple[list[str], list[str]]], cfg: PrepareConfi
             splits[split]["windows"] += int(n_windows[docs].sum())
         documents += len(texts)
         longest = max(longest, int(lengths.max(initial=0)))
-    return {"documents": documents, "longest": longest, "splits": splits, "char_counts": dict(chars)}
+    counted = {"documents": documents, "longest": longest, "splits": splits}
+    if cfg.tokenizer == "char":
+        counted["char_counts"] = dict(chars)
+    elif cfg.tokenizer == "word":
+        counted["word_counts"] = dict(words)
+    return counted
 
 
 def shard_layout(parts: list[Part], counted: list[dict], cfg: PrepareConfig) -> dict[str, dict[str, dict[str, int]]]:
@@ -365,6 +425,7 @@ def shard_layout(parts: list[Part], counted: list[dict], cfg: PrepareConfig) -> 
     return layout
 
 
+PIECE_COLUMNS = ("windows", "overlap", "target_chars")  # the arrays of a piece (target_chars for word and BPE)
 PIECE_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<j>\d{5})-(?P<start>\d{12})\.npz$")
 
 
@@ -379,29 +440,29 @@ class _PartSplit:
     """
 
     def __init__(self, split: str, place: dict[str, int], shards_dir: Path, pieces_dir: Path, scratch: Path,
-                 corpus: str, vocab_fingerprint: str, cfg: PrepareConfig):
+                 corpus: str, vocab: Vocab, cfg: PrepareConfig):
         r = cfg.rows_per_shard
         self.split, self.rows_per_shard, self.shards_dir, self.pieces_dir = split, r, shards_dir, pieces_dir
         self.offset, self.end, self.total, self.n = place["offset"], place["offset"] + place["windows"], place["total"], place["shards"]
         self.head_end = min(-(-self.offset // r) * r, self.end)  # the first shard boundary at or after offset
         self.body_end = max(self.head_end, self.total if self.end == self.total else self.end // r * r)
         self.cursor = self.offset
-        self.head: list[tuple[np.ndarray, np.ndarray]] = []
-        self.tail: list[tuple[np.ndarray, np.ndarray]] = []
-        self.writer = ShardWriter(scratch / split, split, seq_len=cfg.seq_len, corpus=corpus,
-                                  vocab_fingerprint=vocab_fingerprint, rows_per_shard=r)
+        self.head: list[tuple[np.ndarray, ...]] = []  # (windows, overlap[, target_chars])
+        self.tail: list[tuple[np.ndarray, ...]] = []
+        self.writer = shard_writer(scratch / split, split, corpus, vocab, cfg)
 
-    def add(self, windows: np.ndarray, overlap: np.ndarray) -> None:
+    def add(self, windows: np.ndarray, overlap: np.ndarray, target_chars: np.ndarray | None = None) -> None:
         start, stop = self.cursor, self.cursor + len(windows)
         if stop > self.end:
             raise PrepareError(f"{self.split}: more windows than counted ({stop - self.offset} > {self.end - self.offset}); "
                                f"did the input change while prepare ran?")
         a, b = (int(np.clip(cut - start, 0, len(windows))) for cut in (self.head_end, self.body_end))
+        columns = (windows, overlap) if target_chars is None else (windows, overlap, target_chars)
         if a:
-            self.head.append((windows[:a], overlap[:a]))
-        self.writer.add(windows[a:b], overlap[a:b])
+            self.head.append(tuple(c[:a] for c in columns))
+        self.writer.add(*(c[a:b] for c in columns))
         if b < len(windows):
-            self.tail.append((windows[b:], overlap[b:]))
+            self.tail.append(tuple(c[b:] for c in columns))
         self.cursor = stop
 
     def close(self) -> int:
@@ -414,7 +475,7 @@ class _PartSplit:
             if chunks:
                 self.pieces_dir.mkdir(parents=True, exist_ok=True)
                 piece = self.pieces_dir / f"{self.split}-{start // self.rows_per_shard:05d}-{start:012d}.npz"
-                np.savez(piece, windows=np.concatenate([w for w, _ in chunks]), overlap=np.concatenate([o for _, o in chunks]))
+                np.savez(piece, **{name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(PIECE_COLUMNS[:len(chunks[0])])})
         return len(written)
 
     def abort(self) -> None:
@@ -425,10 +486,10 @@ def write_part_shards(batches: Iterator[tuple[list[str], list[str]]], vocab: Voc
                       scratch: Path, part: Part, place: dict[str, dict[str, int]], cfg: PrepareConfig) -> dict:
     """Encode a part's documents and write its windows as shard_layout placed them (see _PartSplit).
 
-    Returns {"splits": {split: counts as write_shards counts them}, "unknown", "total" (characters), "whole_shards"}.
+    Returns {"splits": {split: counts as write_shards counts them}, "unknown", "total" (tokens), "whole_shards"}.
     """
     shards_dir.mkdir(parents=True, exist_ok=True)
-    routers = {split: _PartSplit(split, place[split], shards_dir, pieces_dir, scratch, part.corpus, vocab.fingerprint, cfg)
+    routers = {split: _PartSplit(split, place[split], shards_dir, pieces_dir, scratch, part.corpus, vocab, cfg)
                for split in SPLITS}
     stats = {s: Counter() for s in SPLITS}
     unknown = total = 0
@@ -450,7 +511,7 @@ def write_part_shards(batches: Iterator[tuple[list[str], list[str]]], vocab: Voc
 
 
 def merge_pieces(pieces_dir: Path, shards_dir: Path, scratch: Path, corpus: str, totals: dict[str, dict[str, int]],
-                 vocab_fingerprint: str, cfg: PrepareConfig) -> int:
+                 vocab: Vocab, cfg: PrepareConfig) -> int:
     """Join the pieces of the shards that parts share into whole shards with their final names; returns how many.
 
     totals: {split: {"total", "shards"}} (shard_layout's). A piece missing or out of place is a PrepareError.
@@ -463,20 +524,21 @@ def merge_pieces(pieces_dir: Path, shards_dir: Path, scratch: Path, corpus: str,
     shards_dir.mkdir(parents=True, exist_ok=True)
     for (split, j), found in sorted(groups.items()):
         want = min((j + 1) * r, totals[split]["total"])
-        windows, overlaps, at = [], [], j * r
+        names = PIECE_COLUMNS if vocab.kind != "char" else PIECE_COLUMNS[:2]
+        columns: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        at = j * r
         for start, path in sorted(found):
             if start != at:
                 raise PrepareError(f"{path}: a piece of {corpus} {split} shard {j} starting at window {start}, where {at} "
                                    f"was expected; the pieces of windows {at}-{start - 1} are missing")
             with np.load(path) as data:
-                windows.append(data["windows"])
-                overlaps.append(data["overlap"])
-            at += len(windows[-1])
+                for name in names:
+                    columns[name].append(data[name])
+            at += len(columns["windows"][-1])
         if at != want:
             raise PrepareError(f"{pieces_dir}: the pieces of {corpus} {split} shard {j} end at window {at}, not {want}")
-        writer = ShardWriter(scratch / f"merge-{split}-{j:05d}", split, seq_len=cfg.seq_len, corpus=corpus,
-                             vocab_fingerprint=vocab_fingerprint, rows_per_shard=r)
-        writer.add(np.concatenate(windows), np.concatenate(overlaps))
+        writer = shard_writer(scratch / f"merge-{split}-{j:05d}", split, corpus, vocab, cfg)
+        writer.add(*(np.concatenate(columns[name]) for name in names))
         (only,) = writer.close()
         os.replace(only, shards_dir / shard_name(split, j, totals[split]["shards"]))
     shutil.rmtree(scratch, ignore_errors=True)

@@ -1,17 +1,23 @@
 """Parquet sequence shards: write windows of token ids one shard at a time, read them back.
 
 A shard is `{split}-{i:05d}-of-{n:05d}.parquet` with a column `ids` of type
-`fixed_size_list<uint16>[seq_len + 1]` (x = ids[:-1], y = ids[1:]) and a column `overlap`
-(uint32: how many leading targets of the window the window before it in the same
-document already holds; non-zero only for a document's last, end-aligned window, so an
-evaluation that skips them scores each character once), zstd-compressed, with schema
-metadata naming the vocabulary fingerprint, seq_len, corpus and split.
+`fixed_size_list<uint16>[seq_len + 1]` (x = ids[:-1], y = ids[1:]; `uint32` values for a
+vocabulary of more than 65,536 entries: the column's type records it, and every reader
+returns the shard's own dtype) and a column `overlap` (uint32: how many leading targets of
+the window the window before it in the same document already holds; non-zero only for a
+document's last, end-aligned window, so an evaluation that skips them scores each token
+once), zstd-compressed, with schema metadata naming the vocabulary fingerprint, seq_len,
+corpus and split. Shards of the word and BPE tokenizers add `target_chars` (uint32: the
+characters of document text that the window's scored targets cover, overlap excluded), the
+denominator of bits per character; character shards leave it out (each target is one
+character), so they stay as they were.
 
     with ShardWriter(out_dir, "train", seq_len=100, corpus="homer", vocab_fingerprint=fp) as w:
         w.add(windows, overlap)             # (N, seq_len + 1) uint16, (N,) overlap
-    windows, meta = read_split(out_dir, "train")   # (N_total, seq_len + 1) uint16
+    windows, meta = read_split(out_dir, "train")   # (N_total, seq_len + 1) uint16 or uint32
     windows = open_split(out_dir, "train")         # the same rows, memory-mapped (training reads these)
     overlap = read_overlap(out_dir, "train")       # (N_total,) uint32
+    chars = read_target_chars(out_dir, "train")    # (N_total,) uint32, or None for character shards
 """
 
 from __future__ import annotations
@@ -44,14 +50,21 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir, split: str, *, seq_len: int, corpus: str, vocab_fingerprint: str,
-                 rows_per_shard: int = DEFAULT_ROWS_PER_SHARD):
+                 rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, id_dtype: type = np.uint16, target_chars: bool = False):
+        """id_dtype: np.uint16 or np.uint32 (vocab.id_dtype); target_chars: write the `target_chars` column (word, bpe)."""
+        if np.dtype(id_dtype) not in (np.dtype(np.uint16), np.dtype(np.uint32)):
+            raise ShardError(f"shard ids are uint16 or uint32, not {np.dtype(id_dtype)}")
+        self.id_dtype = np.dtype(id_dtype)
+        self.with_chars = target_chars
         self.out_dir = Path(out_dir)
         self.split = split
         self.seq_len = seq_len
         self.rows_per_shard = rows_per_shard
         self.width = seq_len + 1
+        id_type = pa.from_numpy_dtype(self.id_dtype)
+        fields = [pa.field("ids", pa.list_(id_type, self.width)), pa.field("overlap", pa.uint32())]
         self.schema = pa.schema(
-            [pa.field("ids", pa.list_(pa.uint16(), self.width)), pa.field("overlap", pa.uint32())],
+            fields + ([pa.field("target_chars", pa.uint32())] if target_chars else []),
             metadata={
                 "vocab_fingerprint": vocab_fingerprint,
                 "seq_len": str(seq_len),
@@ -61,22 +74,33 @@ class ShardWriter:
         )
         self._pending: list[np.ndarray] = []
         self._pending_overlap: list[np.ndarray] = []
+        self._pending_chars: list[np.ndarray] = []
         self._pending_rows = 0
         self._partials: list[Path] = []
         self.rows = 0
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
-    def add(self, windows: np.ndarray, overlap: np.ndarray | None = None) -> None:
-        """Queue (N, seq_len + 1) windows; `overlap` (N,) defaults to none (every target scored)."""
+    def add(self, windows: np.ndarray, overlap: np.ndarray | None = None, target_chars: np.ndarray | None = None) -> None:
+        """Queue (N, seq_len + 1) windows; `overlap` (N,) defaults to none (every target scored);
+        `target_chars` (N,) is required exactly when the writer has the column."""
         if windows.ndim != 2 or windows.shape[1] != self.width:
             raise ShardError(f"windows must be (N, {self.width}), got {windows.shape}")
+        if (target_chars is not None) != self.with_chars:
+            raise ShardError("target_chars must be given exactly when the writer was made with target_chars=True")
         if not len(windows):
             return
         overlap = np.zeros(len(windows), np.uint32) if overlap is None else np.asarray(overlap, dtype=np.uint32)
         if overlap.shape != (len(windows),) or (overlap >= self.width).any():
             raise ShardError(f"overlap must be (N,) = ({len(windows)},) values below {self.width}, got {overlap.shape}")
-        self._pending.append(np.ascontiguousarray(windows, dtype=np.uint16))
+        if windows.dtype.itemsize > self.id_dtype.itemsize and len(windows) and windows.max() > np.iinfo(self.id_dtype).max:
+            raise ShardError(f"ids up to {windows.max()} do not fit the writer's {self.id_dtype}")
+        self._pending.append(np.ascontiguousarray(windows, dtype=self.id_dtype))
         self._pending_overlap.append(overlap)
+        if self.with_chars:
+            chars = np.asarray(target_chars, dtype=np.uint32)
+            if chars.shape != (len(windows),):
+                raise ShardError(f"target_chars must be (N,) = ({len(windows)},), got {chars.shape}")
+            self._pending_chars.append(chars)
         self._pending_rows += len(windows)
         while self._pending_rows >= self.rows_per_shard:
             self._flush(self.rows_per_shard)
@@ -88,9 +112,14 @@ class ShardWriter:
         self._pending = [rest] if len(rest) else []
         self._pending_overlap = [overlaps[rows:]] if len(rest) else []
         self._pending_rows = len(rest)
-        values = pa.array(head.reshape(-1), type=pa.uint16())
+        values = pa.array(head.reshape(-1), type=pa.from_numpy_dtype(self.id_dtype))
         column = pa.FixedSizeListArray.from_arrays(values, self.width)
-        table = pa.Table.from_arrays([column, pa.array(overlaps[:rows], type=pa.uint32())], schema=self.schema)
+        columns = [column, pa.array(overlaps[:rows], type=pa.uint32())]
+        if self.with_chars:
+            chars = np.concatenate(self._pending_chars) if len(self._pending_chars) > 1 else self._pending_chars[0]
+            self._pending_chars = [chars[rows:]] if len(rest) else []
+            columns.append(pa.array(chars[:rows], type=pa.uint32()))
+        table = pa.Table.from_arrays(columns, schema=self.schema)
         path = self.out_dir / f".{self.split}-{len(self._partials):05d}.partial"
         # Byte-stream split + zstd: smaller and about twice as fast as dictionary encoding here.
         pq.write_table(table, path, compression="zstd", use_dictionary=False, use_byte_stream_split=True,
@@ -178,7 +207,7 @@ def split_metadata(paths: list[Path], split: str) -> dict:
 
 
 def read_split(shards_dir, split: str) -> tuple[np.ndarray, dict]:
-    """All windows of a split, (N, seq_len + 1) uint16, and the shards' shared metadata."""
+    """All windows of a split, (N, seq_len + 1) in the shards' dtype (uint16 or uint32), and the shards' shared metadata."""
     paths = list_shards(shards_dir, split)
     meta, blocks = split_metadata(paths, split), []
     width = meta["seq_len"] + 1
@@ -187,11 +216,11 @@ def read_split(shards_dir, split: str) -> tuple[np.ndarray, dict]:
         blocks.append(values.reshape(-1, width))
     windows = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
     meta = dict(meta, rows=len(windows), shards=len(paths))
-    return windows.astype(np.uint16, copy=False), meta
+    return windows, meta
 
 
 class SplitWindows:
-    """A split's windows, (N, seq_len + 1) uint16, without holding them in memory.
+    """A split's windows, (N, seq_len + 1) uint16 or uint32 (the shards'), without holding them in memory.
 
     Each shard is memory-mapped from a local `.npy` copy kept by the shard's checksum
     (`window_cache_dir()`), written once, one shard at a time; indexing with an array of rows
@@ -204,6 +233,7 @@ class SplitWindows:
         self.meta = meta
         self.offsets = np.cumsum([0, *(len(a) for a in arrays)])  # (S + 1,) first row of each shard
         self.shape = (int(self.offsets[-1]), int(meta["seq_len"]) + 1)
+        self.dtype = np.result_type(*(a.dtype for a in arrays)) if arrays else np.dtype(np.uint16)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -212,7 +242,7 @@ class SplitWindows:
         if isinstance(rows, slice):
             rows = np.arange(*rows.indices(len(self)))
         rows = np.asarray(rows, dtype=np.int64)  # (B,)
-        out = np.empty((len(rows), self.shape[1]), np.uint16)  # (B, T + 1)
+        out = np.empty((len(rows), self.shape[1]), self.dtype)  # (B, T + 1)
         shard = np.searchsorted(self.offsets, rows, side="right") - 1
         for i in np.unique(shard):
             picked = shard == i
@@ -236,7 +266,7 @@ def _mapped(path: Path, width: int, cache: Path) -> np.ndarray:
         cache.mkdir(parents=True, exist_ok=True)
         tmp = copy.with_name(f".{copy.name}.tmp-{os.getpid()}")
         with open(tmp, "wb") as handle:  # a file object: np.save would add ".npy" to the temporary name
-            np.save(handle, values.astype(np.uint16, copy=False).reshape(-1, width), allow_pickle=False)
+            np.save(handle, values.reshape(-1, width), allow_pickle=False)  # the shard's own dtype: uint16 or uint32
         os.replace(tmp, copy)
     return np.load(copy, mmap_mode="r", allow_pickle=False)
 
@@ -266,3 +296,15 @@ def read_overlap(shards_dir, split: str) -> np.ndarray:
             raise ShardError(f"{path}: no `overlap` column (written by an older prepare); re-run the prepare stage")
         blocks.append(table.column("overlap").to_numpy().astype(np.uint32, copy=False))
     return np.concatenate(blocks) if blocks else np.zeros(0, np.uint32)
+
+
+def read_target_chars(shards_dir, split: str) -> np.ndarray | None:
+    """(N,) uint32 per window of the split: the characters its scored targets cover; None for character shards (no column)."""
+    paths = list_shards(shards_dir, split)
+    has = ["target_chars" in _schema(path).names for path in paths]
+    if not any(has):
+        return None
+    if not all(has):
+        raise ShardError(f"{paths[has.index(False)]}: no `target_chars` column, unlike the other {split} shards{_remake(paths[0])}")
+    return np.concatenate([_read(path, ["target_chars"]).column("target_chars").to_numpy().astype(np.uint32, copy=False)
+                           for path in paths])

@@ -1,11 +1,13 @@
 """Character vocabulary: build it from corpora, encode and decode text with numpy lookups.
 
+(The word and BPE vocabularies are in `model.data.tokenizers`; `Vocab.load` loads any of the three.)
+
 The vocabulary is an ordered list of characters plus one unknown token. Encoding is
 vectorised: text becomes a numpy array of code points, and a lookup table maps code
 points to ids, so no Python loop runs per character.
 
     vocab = build_vocab(char_counts, min_count=1)
-    ids = vocab.encode("D'oh!")          # (T,) uint16
+    ids = vocab.encode("D'oh!")          # (T,) uint16 (uint32 past 65,536 entries)
     assert vocab.decode(ids) == "D'oh!"
     vocab.save(path); Vocab.load(path)
 """
@@ -22,8 +24,13 @@ from pathlib import Path
 import numpy as np
 
 UNK_TOKEN = "\ufffd"  # shown as the replacement character when decoded
-UINT16_LIMIT = 2**16  # ids are stored as uint16 in the shards
+UINT16_LIMIT = 2**16  # ids are stored as uint16 in the shards while the vocabulary has at most this many entries, else uint32
 UNICODE_SIZE = 0x110000  # code points; the lookup table is 2.2 MB
+
+
+def id_dtype(size: int) -> type:
+    """The dtype of ids (arrays and shards) for a vocabulary of `size` entries: uint16, or uint32 past 65,536."""
+    return np.uint16 if size <= UINT16_LIMIT else np.uint32
 
 
 class VocabularyError(ValueError):
@@ -38,16 +45,12 @@ class Vocab:
     _lookup: np.ndarray = field(default=None, repr=False, compare=False)  # code point -> id
 
     unk_id = 0
+    kind = "char"
 
     def __post_init__(self) -> None:
-        if len(self.chars) + 1 > UINT16_LIMIT:
-            raise VocabularyError(
-                f"the vocabulary would have {len(self.chars) + 1} entries, more than the "
-                f"{UINT16_LIMIT} that uint16 shards can hold; raise prepare.min_count to drop rare characters"
-            )
         if len(set(self.chars)) != len(self.chars) or any(len(c) != 1 for c in self.chars):
             raise VocabularyError("vocabulary characters must be distinct single characters")
-        lookup = np.zeros(UNICODE_SIZE, dtype=np.uint16)  # every code point, so encoding needs no range check
+        lookup = np.zeros(UNICODE_SIZE, dtype=self.id_dtype)  # every code point, so encoding needs no range check
         for i, c in enumerate(self.chars, start=1):
             lookup[ord(c)] = i
         object.__setattr__(self, "_lookup", lookup)
@@ -58,19 +61,33 @@ class Vocab:
         return len(self.chars) + 1
 
     @property
+    def id_dtype(self) -> type:
+        return id_dtype(self.size)
+
+    @property
     def fingerprint(self) -> str:
         blob = json.dumps({"chars": "".join(self.chars), "unk": self.unk_token}, ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
     def encode(self, text: str) -> np.ndarray:
-        """Map text to ids, (T,) uint16; characters outside the vocabulary become unk_id."""
+        """Map text to ids, (T,) id_dtype; characters outside the vocabulary become unk_id."""
         if not text:
-            return np.zeros(0, dtype=np.uint16)
+            return np.zeros(0, dtype=self.id_dtype)
         # surrogatepass: a lone surrogate (from broken input) becomes the unknown token, not a crash
         codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)  # (T,)
         return self._lookup.take(codes)
 
-    def decode(self, ids) -> str:
+    def encode_docs(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, None]:
+        """(N,) ids of the texts concatenated, (D,) their lengths, and None: every token is one character."""
+        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        return self.encode("".join(texts)), lengths, None
+
+    def unknown_in(self, text: str) -> list[str]:
+        """The characters of text outside the vocabulary, sorted, each once."""
+        return sorted({c for c, i in zip(text, self.encode(text).tolist()) if i == self.unk_id})
+
+    def decode(self, ids, after: str = "") -> str:
+        """The characters of the ids (`after`, the text before them, changes nothing here)."""
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)
         if arr.size and (arr.min() < 0 or arr.max() >= self.size):
             raise VocabularyError(f"id out of range for a vocabulary of {self.size}")
@@ -93,15 +110,26 @@ class Vocab:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Vocab":
+    def load(cls, path: str | os.PathLike):
+        """The vocabulary saved at path: a Vocab, or the WordVocab / BpeVocab its `tokenizer` field names."""
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            vocab = cls(tuple(data["chars"]), tuple(data.get("counts", ())), data.get("unk_token", UNK_TOKEN))
+            kind = data.get("tokenizer", "char")
+            if kind != "char":
+                from model.data.tokenizers import LOADERS
+
+                if kind not in LOADERS:
+                    raise ValueError(f"unknown tokenizer {kind!r}")
+                vocab = LOADERS[kind].from_json(data, path)
+            else:
+                vocab = cls(tuple(data["chars"]), tuple(data.get("counts", ())), data.get("unk_token", UNK_TOKEN))
+        except VocabularyError as exc:
+            raise VocabularyError(f"{path}: {exc}; re-run the prepare stage") from exc
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise VocabularyError(f"{path}: not a readable vocab.json ({exc}); re-run the prepare stage") from exc
         if data.get("fingerprint") not in (None, vocab.fingerprint):
-            raise VocabularyError(f"{path}: fingerprint does not match its characters; the file was edited or is corrupt")
+            raise VocabularyError(f"{path}: fingerprint does not match its entries; the file was edited or is corrupt")
         return vocab
 
 

@@ -1,9 +1,15 @@
 """Text generation from a CharRNN with carried recurrent state.
 
-The prompt is fed once; after that each new character is one forward step of length 1
-that carries the recurrent states on, so a character costs the same however long the
+The prompt is fed once; after that each new token is one forward step of length 1
+that carries the recurrent states on, so a token costs the same however long the
 text grows. A batch of samples runs at once. Sampling: temperature, top-k, top-p
 (nucleus), greedy, or beam search. The unknown token is never produced.
+
+Tokens are what the vocabulary makes them (prepare.tokenizer): characters, words or BPE
+pieces; `length` counts tokens. The prompt is encoded with the same vocabulary (a word
+or character it lacks is fed as the unknown token, with a warning) and kept verbatim;
+the continuation is decoded to follow it (word: punctuation re-attached; BPE: the
+tokenizer's decoder).
 
     model, vocab, _ = load_model_from_checkpoint("data/finetune/<fp>/best")
     texts = generate(model, vocab, prompt="Homer: ", length=300, num_samples=4, top_p=0.9, seed=1)
@@ -24,11 +30,12 @@ from model.data.vocab import Vocab
 
 
 def _prompt_ids(vocab: Vocab, prompt: str) -> np.ndarray:
-    """The prompt's ids, (P,); warns about characters outside the vocabulary (fed as unknown)."""
+    """The prompt's ids, (P,); warns about characters (or words) outside the vocabulary (fed as unknown)."""
     ids = vocab.encode(prompt)
-    unknown = sorted({c for c, i in zip(prompt, ids.tolist()) if i == vocab.unk_id})
+    unknown = vocab.unknown_in(prompt)
     if unknown:
-        warnings.warn(f"prompt characters not in the vocabulary are fed as the unknown token: {''.join(unknown)!r}",
+        what = ("characters", "".join(unknown)) if vocab.kind == "char" else ("words", " ".join(unknown))
+        warnings.warn(f"prompt {what[0]} not in the vocabulary are fed as the unknown token: {what[1]!r}",
                       stacklevel=4)  # the caller of generate (through torch.no_grad's wrapper)
     return ids
 
@@ -78,13 +85,13 @@ def _check_args(vocab_size: int, length: int, num_samples: int, temperature: flo
 def generate(model: CharRNN, vocab: Vocab, *, prompt: str = "", length: int = 200, num_samples: int = 1,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
              beam_width: int | None = None, seed: int = 0, device=None) -> list[str]:
-    """`num_samples` texts, each the prompt (verbatim) followed by `length` generated characters.
+    """`num_samples` texts, each the prompt (verbatim) followed by `length` generated tokens (characters, words or BPE pieces).
 
     Runs on `device` (the model is moved there), by default the model's device.
 
     temperature 0 means greedy. With beam_width, returns the num_samples most likely
     continuations of the beam search, best first (temperature, top_k, top_p ignored).
-    With an empty prompt the first character is drawn from the vocabulary's counts.
+    With an empty prompt the first token is drawn from the vocabulary's counts.
     """
     _check_args(vocab.size, length, num_samples, temperature, top_k, top_p, beam_width)
     greedy = greedy or temperature == 0
@@ -115,7 +122,7 @@ def generate(model: CharRNN, vocab: Vocab, *, prompt: str = "", length: int = 20
                 if t + 1 < length:
                     logits, states = model(nxt[:, None], states)  # (n, 1, V)
             tokens = torch.stack(out, dim=1)  # (n, length)
-        return [prompt + vocab.decode(row) for row in tokens.cpu().numpy()]
+        return [prompt + vocab.decode(row, after=prompt) for row in tokens.cpu().numpy()]
     finally:
         model.train(was_training)
 
@@ -142,7 +149,7 @@ def _beam_search(model: CharRNN, logits: torch.Tensor, states, length: int, unk_
 def generate_refeed(model: CharRNN, vocab: Vocab, *, prompt: str = "", length: int = 200, window: int | None = 100,
                     num_samples: int = 1, temperature: float = 1.0, greedy: bool = False, seed: int = 0,
                     device=None) -> list[str]:
-    """The naive baseline: every new character re-feeds the last `window` characters (None = all)
+    """The naive baseline: every new token re-feeds the last `window` tokens (None = all)
     from a zero state. Same outputs as `generate` when window is None; benchmark and tests only."""
     if not prompt:
         raise ValueError("generate_refeed needs a prompt")
@@ -152,11 +159,12 @@ def generate_refeed(model: CharRNN, vocab: Vocab, *, prompt: str = "", length: i
     try:
         gen = torch.Generator(device=device).manual_seed(seed)
         ids = torch.from_numpy(_prompt_ids(vocab, prompt).astype(np.int64)).to(device).expand(num_samples, -1)  # (N, P)
+        prompt_len = ids.shape[1]
         for _ in range(length):
             logits, _ = model(ids if window is None else ids[:, -window:])  # (N, <=window, V)
             nxt = pick_next(logits[:, -1], unk_id=vocab.unk_id, temperature=temperature, top_k=None, top_p=None,
                             greedy=greedy or temperature == 0, gen=gen)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
-        return [prompt + vocab.decode(row) for row in ids[:, len(prompt):].cpu().numpy()]
+        return [prompt + vocab.decode(row, after=prompt) for row in ids[:, prompt_len:].cpu().numpy()]
     finally:
         model.train(was_training)

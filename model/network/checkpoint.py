@@ -8,6 +8,7 @@ A checkpoint is a directory (`last/`, `best/`) holding
     state.json             step, position, LR, metrics, RNG states, model and train config,
                            vocabulary fingerprint (written last)
     vocab.json             the vocabulary, so a checkpoint alone is enough to generate
+    tokenizer.json         with prepare.tokenizer bpe: the BPE itself (vocab.json names it)
 
 It is written into `<name>.tmp-<pid>` and renamed into place; an existing checkpoint is
 first renamed to `<name>.old`, so a crash at any point leaves one loadable directory and

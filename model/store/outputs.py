@@ -169,13 +169,16 @@ def fingerprint_view(model: BaseModel) -> dict:
     """A config as JSON without the fields marked `json_schema_extra={"fingerprint": False}`.
 
     Those fields (log intervals, retries) change how a stage runs, not what it makes:
-    changing one resumes or reuses the output instead of starting over.
+    changing one resumes or reuses the output instead of starting over. Fields marked
+    `{"fingerprint": "unless-default"}` are left out only while they hold their defaults.
     """
     dump = model.model_dump(mode="json")
     for name, field in type(model).model_fields.items():
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         value = getattr(model, name)
         if extra.get("fingerprint") is False:
+            dump.pop(name, None)
+        elif extra.get("fingerprint") == "unless-default" and value == field.default:  # a field added later: old outputs keep their fingerprints
             dump.pop(name, None)
         elif isinstance(value, BaseModel):
             dump[name] = fingerprint_view(value)

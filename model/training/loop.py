@@ -60,7 +60,7 @@ from model.network.checkpoint import (check_compatible, load_checkpoint, read_st
 from model.network.rnn import CharRNN, ModelConfig, build_model
 from model.training.overrides import apply_sets
 from model.training.threads import CoreShare
-from model.data.shards import ShardError, SplitWindows, open_split, read_overlap
+from model.data.shards import ShardError, SplitWindows, open_split, read_overlap, read_target_chars
 from model.data.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,9 @@ class TrainConfig(BaseModel):
                                       json_schema_extra={"fingerprint": False})
     rdzv_id: str | None = Field(None, description="the rendezvous id, the same on every machine; empty = the output "
                                 "directory's name (its fingerprint)", json_schema_extra={"fingerprint": False})
+    node_rank: NonNegativeInt = Field(0, description="this machine's place among the nnodes (0 = the first, at rdzv_endpoint, "
+                                      "which holds rank 0 and commits the output; the others train their share and "
+                                      "commit nothing)", json_schema_extra={"fingerprint": False})
     eval_every_steps: NonNegativeInt = Field(0, description="validate every this many steps too; 0 = only at epoch end")
     # How often to save and log changes how a run goes, not what it makes: not part of the stage fingerprint.
     checkpoint_every_steps: NonNegativeInt = Field(200, description="write last/ every this many steps; 0 = only at epoch end",
@@ -162,6 +165,9 @@ def _together_problems(cfg: "TrainConfig") -> list[tuple[str, str]]:
         problems.append(("batch_size", f"batch_size {batch} is the global batch, and must be divisible by the world size "
                                        f"nproc_per_node × nnodes = {nproc} × {nnodes} = {nproc * nnodes}: each process "
                                        f"trains on an equal slice of it"))
+    node_rank = getattr(cfg, "node_rank", 0)
+    if nnodes and isinstance(node_rank, int) and node_rank >= nnodes:
+        problems.append(("node_rank", f"node_rank {node_rank} must be below nnodes={nnodes} (0 is the first machine)"))
     if nnodes and nnodes > 1 and not getattr(cfg, "rdzv_endpoint", None):
         problems.append(("rdzv_endpoint", f"nnodes={nnodes} needs rdzv_endpoint: the host:port where the machines meet, "
                                           f"reachable from each of them"))
@@ -308,7 +314,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def read_windows(shards_dir, split: str, vocab: Vocab) -> SplitWindows:
-    """A split's windows, (N, seq_len + 1) uint16 and memory-mapped (open_split), after checking they use `vocab`."""
+    """A split's windows, (N, seq_len + 1) uint16 or uint32 and memory-mapped (open_split), after checking they use `vocab`."""
     windows = open_split(shards_dir, split)
     meta = windows.meta
     if meta.get("vocab_fingerprint") != vocab.fingerprint:
@@ -327,9 +333,15 @@ def batch_loss(model: CharRNN, batch: torch.Tensor, amp: torch.dtype | None, red
     return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction=reduction)
 
 
-def scored_chars(windows: np.ndarray, overlap: np.ndarray | None = None) -> int:
-    """How many targets an evaluation of these windows scores: each character once."""
+def scored_targets(windows: np.ndarray, overlap: np.ndarray | None = None) -> int:
+    """How many targets (tokens) an evaluation of these windows scores: each once."""
     return int(windows.shape[0] * (windows.shape[1] - 1) - (0 if overlap is None else overlap.sum(dtype=np.int64)))
+
+
+def scored_chars(windows: np.ndarray, overlap: np.ndarray | None = None, target_chars: np.ndarray | None = None) -> int:
+    """How many characters an evaluation of these windows covers: the sum of the windows' target_chars (word, bpe:
+    read_target_chars), else one per scored target (char)."""
+    return scored_targets(windows, overlap) if target_chars is None else int(target_chars.sum(dtype=np.int64))
 
 
 class EvaluationStopped(Exception):
@@ -340,12 +352,14 @@ class EvaluationStopped(Exception):
 def evaluate(model: CharRNN, windows: np.ndarray, *, batch_size: int, device: torch.device,
              amp: torch.dtype | None = None, overlap: np.ndarray | None = None,
              should_stop: Callable[[], bool] | None = None, computing: Callable = nullcontext,
-             all_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
-    """Mean loss in nats/char over every scored target.
+             all_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None, target_chars: np.ndarray | None = None) -> float:
+    """Loss in nats per character: the summed loss of every scored target over the characters they cover.
 
     windows (N, T + 1); overlap (N,) skips each window's leading targets that an earlier
-    window of its document already scored, so every character counts once. With several
-    processes each scores its part of the windows and `all_ranks` sums (nll, chars) over them.
+    window of its document already scored, so every token counts once; target_chars (N,)
+    gives the characters each window's scored targets cover (word and BPE shards), else
+    each target is one character. With several processes each scores its part of the
+    windows and `all_ranks` sums (nll, chars) over them.
     """
     was_training = model.training
     model.eval()
@@ -365,9 +379,9 @@ def evaluate(model: CharRNN, windows: np.ndarray, *, batch_size: int, device: to
             total += losses.masked_fill(positions[None, :] < skip[:, None], 0.0).sum(dtype=torch.float64)
     model.train(was_training)
     if all_ranks is not None:
-        total, chars = all_ranks(torch.stack([total, total.new_tensor(float(scored_chars(windows, overlap)))])).tolist()
+        total, chars = all_ranks(torch.stack([total, total.new_tensor(float(scored_chars(windows, overlap, target_chars)))])).tolist()
         return total / chars
-    return total.item() / scored_chars(windows, overlap)
+    return total.item() / scored_chars(windows, overlap, target_chars)
 
 
 class _Stopwatch:
@@ -491,8 +505,8 @@ class Session:
     vocab: Vocab
     callbacks: TrainCallbacks
     out_dir: Path
-    train_w: np.ndarray  # (N, T + 1) uint16 training windows
-    val_w: np.ndarray  # (M, T + 1) uint16 validation windows
+    train_w: np.ndarray  # (N, T + 1) uint16 (uint32 past 65,536 entries) training windows
+    val_w: np.ndarray  # (M, T + 1) uint16 (or uint32) validation windows
     val_overlap: np.ndarray  # (M,) targets of each val window already scored by the one before
     device: torch.device
     amp: torch.dtype | None
@@ -510,6 +524,7 @@ class Session:
     boundary: Boundary | None = None  # set when a stop may come from another thread (see run_stoppable)
     ranks: Ranks = field(default_factory=Ranks)  # the processes training together (one by default)
     ddp: torch.nn.Module | None = None  # the DDP wrapper that training steps go through, when there are several
+    val_chars: np.ndarray | None = None  # (M,) characters each val window's scored targets cover (word, bpe); None: one per target
 
     @property
     def trained(self) -> torch.nn.Module:
@@ -549,11 +564,13 @@ def start(*, model_config: ModelConfig, cfg: TrainConfig, shards_dir, out_dir: P
     # Training reads train and val only: the test split never chooses a model.
     train_w, val_w = read_windows(shards_dir, "train", vocab), read_windows(shards_dir, "val", vocab)
     val_overlap = read_overlap(shards_dir, "val")
+    val_chars = read_target_chars(shards_dir, "val")  # None for character shards
     keep = np.arange(len(val_w))  # the validation windows are read into memory: each validation reads them all
     if cfg.max_val_windows is not None and len(val_w) > cfg.max_val_windows:
         keep = np.linspace(0, len(val_w) - 1, cfg.max_val_windows).round().astype(np.int64)
     val_w, val_overlap = val_w[keep], val_overlap[keep]
     val_w, val_overlap = ranks.share(val_w), ranks.share(val_overlap)
+    val_chars = None if val_chars is None else ranks.share(val_chars[keep])
     device = ranks.device(cfg.device)
     amp = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
@@ -568,7 +585,7 @@ def start(*, model_config: ModelConfig, cfg: TrainConfig, shards_dir, out_dir: P
                    lr=lr_at_epoch(cfg, 0))
     s = Session(cfg=cfg, model_config=model_config, vocab=vocab, callbacks=callbacks, out_dir=out_dir, train_w=train_w,
                 val_w=val_w, val_overlap=val_overlap, device=device, amp=amp, model=model, optimizer=optimizer,
-                scaler=scaler, run=run, ranks=ranks)
+                scaler=scaler, run=run, ranks=ranks, val_chars=val_chars)
     previous = resolve_checkpoint(out_dir / "last")
     if previous is not None:
         resume(s, previous)
@@ -703,7 +720,8 @@ def validate(s: Session) -> dict:
         with s.clock.paused():
             loss = evaluate(s.model, s.val_w, batch_size=4 * s.cfg.batch_size // s.ranks.size, device=s.device, amp=s.amp,
                             overlap=s.val_overlap, should_stop=s.callbacks.should_stop if alone else None,
-                            computing=lambda: computing(s, "validation"), all_ranks=None if alone else s.ranks.sum)
+                            computing=lambda: computing(s, "validation"), all_ranks=None if alone else s.ranks.sum,
+                            target_chars=s.val_chars)
     except EvaluationStopped:
         s.run.validation_pending = True
         save(s, "last")

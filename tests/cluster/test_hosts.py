@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from tests.cluster.conftest import BUCKET, PYTHON, SERVER_PORT, TINY_PRETRAIN, VENV_BIN, manifests, run_data_stages
+from tests.cluster.conftest import BUCKET, PYTHON, SAMPLE_DATA, SERVER_PORT, TINY_PRETRAIN, VENV_BIN, manifests
 from tests.e2e.conftest import GPU_POOL, POOL
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -54,21 +54,29 @@ def test_a_host_reaches_the_others_by_address_only(cluster):
     assert cluster.run("cpu", ["hostname"]).stdout.strip() == cluster.hosts["cpu"].hostname != names
 
 
-def test_stages_run_on_their_hosts_and_an_empty_host_generates_from_the_bucket(cluster):
+TINY_FINETUNE = {"train": {"epochs": 1, "max_steps": 8, "batch_size": 16, "checkpoint_every_steps": 4, "log_every_steps": 4,
+                            "early_stopping_patience": None, "max_val_windows": 32, "device": "cpu"}}
+
+
+def test_the_pipeline_runs_its_stages_on_their_hosts_and_an_empty_host_generates_from_the_bucket(cluster):
     stack, hosts = cluster.stack, cluster.hosts
-    runs = run_data_stages(cluster)
-    runs["pretrain"] = stack.trigger("pretrain/pretrain", {"config": TINY_PRETRAIN})
-    stack.wait_final(runs["pretrain"], timeout=300)
+    config = {"profile": "sample", "wikipedia": SAMPLE_DATA["wikipedia"], "simpsons": SAMPLE_DATA["simpsons"],
+              "prepare": SAMPLE_DATA["prepare"], "pretrain": TINY_PRETRAIN, "finetune": TINY_FINETUNE,
+              "report": {"temperatures": [1.0], "length": 40, "num_samples": 1}}
+    pipeline = stack.trigger("homer-pipeline/sample", {"config": config, "stages_on": "pools"})
+    stack.wait_final(pipeline, timeout=900)
+    assert stack.flow_run(pipeline)["work_pool_name"] == POOL
 
     objects = cluster.bucket_objects()
-    for stage, run_id in runs.items():  # each ran on its pool's host: its output was made in that host's mirror
-        host, pool = ("train-1", GPU_POOL) if stage == "pretrain" else ("cpu", POOL)
-        assert stack.flow_run(run_id)["work_pool_name"] == pool, stage
-        (fp,) = manifests(objects, stage)
-        assert mirrored(hosts[host], stage, fp), stage
-        if stage != "prepare":  # (train-1 downloads prepare's output to train on it)
-            assert not mirrored(hosts["train-1" if host == "cpu" else "cpu"], stage, fp), stage
-    (pretrain,) = manifests(objects, "pretrain").values()
+    for stage in ("ingest-wikipedia", "ingest-simpsons", "prepare", "pretrain", "finetune", "report"):
+        host, pool = ("train-1", GPU_POOL) if stage in ("pretrain", "finetune") else ("cpu", POOL)
+        children = [run for run in stack.rest("POST", "/flow_runs/filter", json={
+            "deployments": {"id": {"any_": [str(stack.deployment_id(f"{stage}/{stage}"))]}}}) if run["parent_task_run_id"]]
+        assert children and all(run["work_pool_name"] == pool and run["state_type"] == "COMPLETED" for run in children), stage
+        fps = manifests(objects, stage)
+        assert fps, stage
+        assert any(mirrored(hosts[host], stage, fp) for fp in fps), stage  # made in its pool's host's mirror of the bucket
+    pretrain = manifests(objects, "pretrain")[newest(objects, "pretrain")]  # the pipeline's: the latest right after it
     assert pretrain["counts"]["world_size"] == 1 and pretrain["hosts"] == [hosts["train-1"].hostname]
     for host in ("cpu", "train-1"):  # a worker's working directory stays empty: everything went to the bucket
         assert list(hosts[host].workdir.iterdir()) == []
@@ -80,5 +88,11 @@ def test_stages_run_on_their_hosts_and_an_empty_host_generates_from_the_bucket(c
     assert done.returncode == 0, done.stdout + done.stderr
     samples = json.loads(done.stdout)
     assert len(samples) == 2 and all(len(s) >= 40 for s in samples), samples
-    (fp,) = manifests(objects, "pretrain")
-    assert list(client.home.glob(f".cache/recurrent-homer/*/pretrain/{fp}/best/*")), "generate did not read the bucket's pretrain"
+    fp = newest(objects, "finetune")  # `latest`: the newest fine-tuned model
+    assert list(client.home.glob(f".cache/recurrent-homer/*/finetune/{fp}/best/*")), "generate did not read the bucket's finetune"
+
+
+def newest(objects: dict[str, bytes], stage: str) -> str:
+    """The fingerprint the stage's `latest` names: its newest latest.d/<stamp>-<fp> entry."""
+    entries = sorted(key.rsplit("/", 1)[1] for key in objects if key.startswith(f"{stage}/latest.d/"))
+    return entries[-1].split("-", 1)[1]

@@ -254,3 +254,25 @@ def test_dask_workers_elsewhere_write_their_parts_into_the_bucket(s3_server, tmp
     assert any(k.startswith(".pieces/wikipedia/") for k in written)  # the shards that parts share, as pieces
     assert {k for k in written if not k.startswith(".")} == set(files_of(one.dir))  # every file, written by the tasks
     tasks.data._store(work).fs.rm(tasks.data._store(work).path(), recursive=True)
+
+
+@pytest.mark.parametrize("tokenizer", [pytest.param("word", marks=pytest.mark.slow), "bpe"])
+def test_word_and_bpe_parts_give_the_bytes_of_one_part(tmp_path, ingested, tokenizer):
+    """prepare.tokenizer word / bpe through the fan-out: shards shared by parts carry target_chars, byte for byte."""
+    from model.data.shards import read_split, read_target_chars
+    from model.data.vocab import Vocab
+
+    one = run_prepare(tmp_path / "one", ingested, docs_per_part=10**6, max_workers=1, tokenizer=tokenizer, vocab_size=400)
+    many = run_prepare(tmp_path / "many", ingested, docs_per_part=20, max_workers=2, tokenizer=tokenizer, vocab_size=400)
+    assert files_of(many.dir) == files_of(one.dir) and counts_of(many.dir) == counts_of(one.dir)
+    vocab = Vocab.load(one.dir / "vocab.json")
+    assert vocab.kind == tokenizer and (one.dir / "tokenizer.json").is_file() == (tokenizer == "bpe")
+    assert vocab.size <= 400 if tokenizer == "bpe" else vocab.size > 100
+    counts = read_manifest(one.dir)["counts"]
+    assert counts["tokenizer"] == tokenizer and counts["vocab_fingerprint"] == vocab.fingerprint
+    for corpus in ("wikipedia", "simpsons"):
+        shards = one.dir / "shards" / corpus
+        stats = counts["shards"][corpus]["train"]
+        assert read_target_chars(shards, "train").sum() == stats["scored_chars"] > stats["scored_tokens"] > 0
+        windows, meta = read_split(shards, "train")
+        assert meta["vocab_fingerprint"] == vocab.fingerprint and windows.shape[1] == BASE["seq_len"] + 1

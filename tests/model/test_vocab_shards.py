@@ -35,10 +35,12 @@ def test_vocab_save_load_and_fingerprint(tmp_path):
     assert build_vocab(count_chars(["hello there"])).fingerprint != vocab.fingerprint
 
 
-def test_vocab_too_large_for_uint16():
+def test_vocab_past_uint16_encodes_uint32():
     counts = Counter({chr(0x4E00 + i): 1 for i in range(70_000)})
-    with pytest.raises(VocabularyError, match="uint16.*prepare.min_count"):
-        build_vocab(counts)
+    vocab = build_vocab(counts)
+    text = chr(0x4E00) + chr(0x4E00 + 69_999)
+    ids = vocab.encode(text)
+    assert vocab.size > 65_536 and ids.dtype == np.uint32 and ids.max() > 65_535 and vocab.decode(ids) == text
 
 
 def test_shards_round_trip_and_contract(tmp_path):
