@@ -38,7 +38,7 @@ from model.data import prepare as prep  # noqa: E402
 from model.data.prepare import (PrepareConfig, corpus_char_counts, count_part, merge_pieces, plan_parts, shard_layout,  # noqa: E402
                                 wikipedia_documents, write_corpus, write_part_shards, write_shards)
 from model.data.sources import SAMPLE_WIKIPEDIA  # noqa: E402
-from model.data.vocab import build_vocab  # noqa: E402
+from model.data.vocab import Vocab, build_vocab  # noqa: E402
 
 
 def make_corpus(path: Path, megabytes: float) -> int:
@@ -86,28 +86,29 @@ def time_encode(corpus: Path, naive: bool) -> float:
     batches = [texts for _, texts in prep.iter_corpus(corpus)]
     started = time.perf_counter()
     for texts in batches:
-        (naive_encode_batch if naive else prep.encode_batch)(vocab, texts)
+        (naive_encode_docs(vocab, texts) if naive else vocab.encode_docs(texts))
     return time.perf_counter() - started
 
 
-def naive_encode_batch(vocab, texts):
+def naive_encode_docs(vocab, texts):
+    """Vocab.encode_docs with one Python step per character instead of a lookup table."""
     table = {c: i for i, c in enumerate(vocab.chars, start=1)}
-    ids = np.array([table.get(ch, 0) for text in texts for ch in text], dtype=np.uint16)  # one Python step per character
-    return ids, np.array([len(t) for t in texts], dtype=np.int64)
+    ids = np.array([table.get(ch, 0) for text in texts for ch in text], dtype=np.uint16)
+    return ids, np.array([len(t) for t in texts], dtype=np.int64), None
 
 
 def run_once(corpus: Path, naive: bool) -> tuple[float, int]:
     vocab = build_vocab(corpus_char_counts(corpus))
-    original = prep.encode_batch
+    original = Vocab.encode_docs
     if naive:
-        prep.encode_batch = naive_encode_batch
+        Vocab.encode_docs = naive_encode_docs
     try:
         with tempfile.TemporaryDirectory() as out:
             started = time.perf_counter()
             write_shards(corpus, vocab, Path(out), "bench", PrepareConfig(rows_per_shard=20_000))
             return time.perf_counter() - started, sum(len(t.encode()) for _, texts in prep.iter_corpus(corpus) for t in texts)
     finally:
-        prep.encode_batch = original
+        Vocab.encode_docs = original
 
 
 def peak_rss_child(megabytes: float) -> tuple[float, float]:
@@ -141,7 +142,7 @@ def fanout_seconds(articles: Path, docs_per_part: int, threads: int) -> float:
         layout = shard_layout(parts, counted, cfg)
         list(pool.map(lambda p: write_part_shards(wikipedia_documents(articles, p.start, p.stop), vocab, out / "shards",
                                                   out / ".pieces", out / ".parts" / p.name, p, layout[p.name], cfg), parts))
-        merge_pieces(out / ".pieces", out / "shards", out / ".parts" / "merge", "wikipedia", layout[parts[0].name], vocab.fingerprint, cfg)
+        merge_pieces(out / ".pieces", out / "shards", out / ".parts" / "merge", "wikipedia", layout[parts[0].name], vocab, cfg)
         return time.perf_counter() - started
 
 
