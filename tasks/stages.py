@@ -53,7 +53,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("ingest-wikipedia", "wikipedia", "flows.ingest_wikipedia.ingest_wikipedia", "2",  # 2: local files read here (any encoding, compression); bad-row and control-character counts
           "articles from the Hugging Face hub, a local file or folder, or the bundled sample"),
     Stage("ingest-simpsons", "simpsons", "flows.ingest_simpsons.ingest_simpsons", "3",  # 2: strict CSV; bad-row and control-character counts; 3: any table or .txt (a .txt path is now lines, not CSV)
-          "the character's lines from the Kaggle data set, a local CSV, or the bundled sample"),
+          "the fine-tuning lines: the character's from the Kaggle data set, any local CSV, Parquet or .txt, or the bundled sample"),
     Stage("prepare", "prepare", "flows.prepare.prepare", "2",  # 2: a test split; shards carry `overlap`
           "corpora, vocabulary, train/val/test shards",
           inputs={"wikipedia": "ingest-wikipedia", "simpsons": "ingest-simpsons"}),
