@@ -5,6 +5,7 @@
     homer config --profile sample            # print the resolved config as YAML
     homer generate --checkpoint latest --prompt "Marge, " --num-samples 3
     homer serve                              # every deployment from one process
+    homer sweep pretrain --profile sample --trials 8 --parallel 2   # tune a stage (flows/sweep.py)
 """
 
 from __future__ import annotations
@@ -328,6 +329,74 @@ def gc(
     for where, reason in rows:
         typer.echo(f"{'removed' if remove and not reason.startswith('in progress') else 'unneeded':<9} {where}: {reason}")
     typer.echo(f"{len(rows)} item(s) under {root}" + ("" if remove else "; run `homer gc --remove` to delete them"))
+
+
+# ---- homer sweep (flows/sweep.py) -------------------------------------------------------------
+
+def _sweep_help(field: str) -> str:
+    from model.training.sweep import SweepConfig
+
+    return SweepConfig.model_fields[field].description
+
+
+@app.command()
+def sweep(
+    stage_name: str = typer.Argument(..., metavar="STAGE", help="the stage to tune: pretrain or finetune"),
+    trials: int = typer.Option(10, "--trials", "-n", help=_sweep_help("trials")),
+    parallel: int = typer.Option(1, "--parallel", "-k", help=_sweep_help("parallel")),
+    space: Optional[Path] = typer.Option(None, "--space", help="YAML: {dotted.config.field: {low, high, log, step} or "
+                                         "{choices: [...]}}; default: the stage's default space (see the README)"),
+    storage: Optional[str] = typer.Option(None, "--storage", help=_sweep_help("storage")),
+    study: Optional[str] = typer.Option(None, "--study", help=_sweep_help("study")),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the best trial's config (YAML for --config) here"),
+    profile: str = ProfileOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+    data_dir: Optional[str] = DataDirOpt,
+) -> None:
+    """Tune a training stage: N trials (Optuna), K at once, weak ones pruned; the best config is written as YAML."""
+    from pydantic import ValidationError
+
+    from flows.config import format_errors
+    from flows.sweep import homer_sweep, load_space_file
+    from model.training.sweep import SpaceError, SweepConfig
+
+    if stage_name not in ("pretrain", "finetune"):
+        typer.echo(f"error: a sweep tunes pretrain or finetune, not {stage_name!r}", err=True)
+        raise typer.Exit(2)
+    cfg = _config(profile, config, set_)
+    try:
+        settings = SweepConfig(trials=trials, parallel=parallel, storage=storage, study=study)
+        space_data = load_space_file(stage_name, cfg, space) if space else None
+    except ValidationError as exc:
+        typer.echo(f"error: {format_errors(exc, 'options')}", err=True)
+        raise typer.Exit(2) from None
+    except SpaceError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    _apply_data_dir(data_dir)
+
+    def best_ref(summary: dict) -> dict[str, StageRef]:
+        best = summary["best"]
+        if not best or not best.get("fingerprint"):
+            return {}
+        return {f"{stage_name} (best trial)": StageRef(stage=stage_name, fingerprint=best["fingerprint"], path=best["output"])}
+
+    summary = _run(homer_sweep, best_ref, stage_name, cfg, settings, space_data, root_name(data_root()))
+    typer.echo(f"study {summary['study']} ({summary['storage']}): {summary['trials']} trial(s), this run "
+               f"{', '.join(map(str, summary['this_run']))}; results in {summary['folder']}")
+    if summary["best"] is None:
+        typer.echo("no trial has finished yet: no best config", err=True)
+        return
+    best = summary["best"]
+    typer.echo(f"best: trial {best['number']}, {best['value']:.4f} bits/char: "
+               + ", ".join(f"{k}={v}" for k, v in best["params"].items()))
+    typer.echo(f"best config: {summary['best_config']}")
+    if out:
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(Path(summary["best_config"]).read_text(encoding="utf-8"), encoding="utf-8")
+        os.replace(tmp, out)
+        typer.echo(f"best config also in {out}")
 
 
 @app.command()

@@ -76,6 +76,13 @@ def deployment_specs(config: PipelineConfig | None = None, cron: str | None = No
     module, _, function = GENERATE["entrypoint"].rpartition(".")
     specs.append({"flow": getattr(importlib.import_module(module), function), "entrypoint": GENERATE["entrypoint"],
                   "name": GENERATE["name"], "description": None, "tags": GENERATE["tags"], "parameters": {}, "schedules": []})
+    from flows.sweep import DEPLOYMENTS as SWEEP_DEPLOYMENTS  # the sweep and its trials (flows/sweep.py)
+
+    for name, sweep in SWEEP_DEPLOYMENTS.items():
+        module, _, function = sweep["entrypoint"].rpartition(".")
+        specs.append({"flow": getattr(importlib.import_module(module), function), "entrypoint": sweep["entrypoint"], "name": name,
+                      "description": sweep["description"], "tags": sweep["tags"], "schedules": [],
+                      "parameters": _config_parameters(config, defaults) if name == "sweep" else {}})  # a trial's config comes with it
     return specs
 
 

@@ -53,8 +53,10 @@ def steps(doc: dict, section: str, fqn: str) -> list[dict]:
 
 
 def registry_pool(name: str) -> str:
-    """The stage registry's pool for a deployment; the pipeline and generate run on the data pool."""
-    return STAGES[name].pool if name in STAGES else DATA_POOL
+    """The stage registry's pool for a deployment (flows/sweep.py's for the sweep's); the pipeline and generate run on the data pool."""
+    from flows.sweep import DEPLOYMENTS as SWEEPS
+
+    return STAGES[name].pool if name in STAGES else SWEEPS[name]["pool"] if name in SWEEPS else DATA_POOL
 
 
 # ---- deploy/prefect-docker.yaml ------------------------------------------------------------
@@ -81,7 +83,7 @@ def test_docker_file_has_the_deployments_of_prefect_yaml():
         assert set(other) == set(d), name
     pools = {name: d["work_pool"]["name"] for name, d in docker.items()}
     assert pools == {name: f"{registry_pool(name)}-docker" for name in docker}
-    assert {name for name, pool in pools.items() if pool == f"{GPU_POOL}-docker"} == {"pretrain", "finetune"}
+    assert {name for name, pool in pools.items() if pool == f"{GPU_POOL}-docker"} == {"pretrain", "finetune", "sweep-trial"}
 
 
 def test_each_pool_runs_the_image_its_build_step_makes():

@@ -17,10 +17,12 @@ import pytest
 import yaml
 
 from flows.config import PROFILES, PipelineConfig, load_config
+from flows.sweep import DEPLOYMENTS as SWEEPS
 from tasks.stages import DATA_POOL, GPU_POOL, STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE_DEPLOYMENTS = [*STAGES, "generate"]
+SWEEP_DEPLOYMENTS = list(SWEEPS)  # the sweep and its trials: flows/sweep.py names them and their pools
 
 
 def prefect_yaml() -> dict:
@@ -42,17 +44,17 @@ def squash(text: str | None) -> str | None:
 
 
 def expected_pool(name: str) -> str:
-    """The registry's pool for a stage deployment; the pipeline and generate run on the data pool."""
-    return STAGES[name].pool if name in STAGES else DATA_POOL
+    """The registry's pool for a stage deployment (flows/sweep.py's for the sweep's); the pipeline and generate run on the data pool."""
+    return STAGES[name].pool if name in STAGES else SWEEPS[name]["pool"] if name in SWEEPS else DATA_POOL
 
 
 def test_prefect_yaml_has_every_deployment_on_the_registrys_pool():
     doc = prefect_yaml()
     deployments = by_name(doc["deployments"])
-    assert sorted(deployments) == sorted(["scheduled", "sample", *STAGE_DEPLOYMENTS])
+    assert sorted(deployments) == sorted(["scheduled", "sample", *STAGE_DEPLOYMENTS, *SWEEP_DEPLOYMENTS])
     pools = {name: d["work_pool"]["name"] for name, d in deployments.items()}
     assert pools == {name: expected_pool(name) for name in deployments}
-    assert {name for name, pool in pools.items() if pool == GPU_POOL} == {"pretrain", "finetune"}
+    assert {name for name, pool in pools.items() if pool == GPU_POOL} == {"pretrain", "finetune", "sweep-trial"}
     for name, d in deployments.items():
         assert d["enforce_parameter_schema"] is True, name
         assert d["work_pool"]["job_variables"] == {}, f"{name}: a process pool takes no image or GPU settings"
@@ -116,7 +118,7 @@ def test_serve_stores_only_what_the_given_config_changes():
     assert "30 2 * * *" in deployments["scheduled"].description
 
 
-@pytest.mark.parametrize("name", ["scheduled", *STAGE_DEPLOYMENTS])
+@pytest.mark.parametrize("name", ["scheduled", *STAGE_DEPLOYMENTS, *SWEEP_DEPLOYMENTS])
 def test_entrypoint_loads_from_the_repo_root_with_a_typed_documented_form(name, monkeypatch):
     """The worker's view: the file-path entrypoint loads (no module shadows `model`/`tasks`),
     and the run form shows every config field with its description, starting from the defaults."""
