@@ -18,11 +18,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from model.network.rnn import ModelConfig
+from model.network.config import ModelConfig
 from model.training.overrides import apply_sets
 from model.data.prepare import PrepareConfig
 from model.data.sources import SimpsonsConfig, WikipediaConfig
-from model.training.loop import FinetuneTrainConfig, TrainConfig
+from model.training.config import FinetuneTrainConfig, TrainConfig
 
 Profile = Literal["default", "sample", "cpu"]
 Temperature = Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)]  # a softmax temperature: finite, above 0

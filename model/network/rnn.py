@@ -14,25 +14,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
+
+from model.network.config import ModelConfig  # noqa: F401 (defined there, torch-free; imported from here too)
 
 # One entry per layer: GRU h (1, B, H); LSTM (h, c), each (1, B, H).
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-
-
-class ModelConfig(BaseModel):
-    """Architecture of the network; the defaults are the published recipe."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    cell: Literal["gru", "lstm"] = Field("gru", description="recurrent cell type of every layer")
-    embedding_dim: PositiveInt = Field(256, description="width of the character embedding")
-    hidden_sizes: list[PositiveInt] = Field(
-        default_factory=lambda: [256, 512, 1024, 512, 256], min_length=1,
-        description="hidden size of each stacked one-layer recurrent block, bottom to top",
-    )
-    dropout: float = Field(0.5, ge=0.0, lt=1.0, allow_inf_nan=False, description="dropout probability before each recurrent layer")
 
 
 class CharRNN(nn.Module):
