@@ -201,10 +201,57 @@ def parse_root(root: str | os.PathLike | RemoteRoot | None) -> RemoteRoot | None
     return RemoteRoot(url=url, scheme=scheme, protocol=protocol, base=base, fs=_filesystem(protocol, package, extra, url))
 
 
+# A time limit on every call to an object store: a link that goes down in the middle of an upload otherwise
+# hangs it (the store libraries set no limit on sending; the kernel gives up after about 15 minutes), and the
+# stage neither fails nor finishes. Generous by default: a call is a whole folder's upload or download.
+STORE_TIMEOUT_ENV = "HOMER_STORE_TIMEOUT_S"
+DEFAULT_STORE_TIMEOUT_S = 600.0
+_TIMED_CALLS = frozenset({"cat_file", "exists", "find", "get", "get_file", "info", "ls", "pipe", "pipe_file", "put",
+                          "put_file", "rm", "rm_file"})
+
+
+def store_timeout_s() -> float:
+    """HOMER_STORE_TIMEOUT_S (seconds, above 0), else the default; a bad value is a StoreError naming it."""
+    text = os.environ.get(STORE_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_STORE_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (0 < value < float("inf")):
+        raise StoreError(f"{STORE_TIMEOUT_ENV}={text!r}: expected seconds above 0 (the time limit on each call to the "
+                         f"artifact store; default {DEFAULT_STORE_TIMEOUT_S:g})")
+    return value
+
+
+class TimedFileSystem:
+    """An async fsspec filesystem whose calls in _TIMED_CALLS fail with fsspec's FSTimeoutError after `seconds`.
+
+    fsspec's blocking wrappers take a `timeout` and cancel the call when it runs out; everything else
+    passes through unchanged.
+    """
+
+    def __init__(self, fs: Any, seconds: float):
+        self._fs, self._seconds = fs, seconds
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._fs, name)
+        if name in _TIMED_CALLS and callable(attr):
+            def timed(*args, **kwargs):
+                kwargs.setdefault("timeout", self._seconds)
+                return attr(*args, **kwargs)
+            return timed
+        return attr
+
+
 def _filesystem(protocol: str, package: str, extra: str, url: str) -> Any:
     try:
         # No listings cache: other machines write to the same root, a cached listing would hide their work.
-        return fsspec.filesystem(protocol, use_listings_cache=False)
+        fs = fsspec.filesystem(protocol, use_listings_cache=False)
+        from fsspec.asyn import AsyncFileSystem
+
+        return TimedFileSystem(fs, store_timeout_s()) if isinstance(fs, AsyncFileSystem) else fs
     except ImportError:
         raise StoreError(f"the artifact root {url} needs the {package} package, which is not installed: "
                          f"pip install 'recurrent-homer[{extra}]'") from None
@@ -1122,6 +1169,9 @@ def _conflict(remote: RemoteRoot, stage: str, fp: str) -> StoreError:
 
 
 def _describe(exc: BaseException) -> str:
+    if type(exc).__name__ == "FSTimeoutError":
+        return (f"no answer within {store_timeout_s():g} s (FSTimeoutError; {STORE_TIMEOUT_ENV} sets the limit, "
+                f"for a slow link raise it)")
     return _scrub(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
 

@@ -269,7 +269,9 @@ class Cluster:
                "AWS_ENDPOINT_URL": f"http://{storage.address}:{S3_PORT}", "AWS_ACCESS_KEY_ID": "homer-cluster-key",
                "AWS_SECRET_ACCESS_KEY": self.aws_secret, "AWS_DEFAULT_REGION": "us-east-1",
                "AWS_CONFIG_FILE": str(host.home / "no-aws-config"), "AWS_SHARED_CREDENTIALS_FILE": str(host.home / "no-aws-credentials"),
-               "AWS_EC2_METADATA_DISABLED": "true", "HOMER_CLUSTER_HOST": name}
+               "AWS_EC2_METADATA_DISABLED": "true", "HOMER_CLUSTER_HOST": name,
+               # a cut link fails a store call within this (the tests' files take seconds even on a throttled link)
+               "HOMER_STORE_TIMEOUT_S": "30"}
         if self.stack is not None:
             env.update(PREFECT_API_URL=self.stack.api_url, PREFECT_API_AUTH_STRING=self.stack.auth_string)
         return {**env, **more}

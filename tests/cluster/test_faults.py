@@ -227,9 +227,6 @@ def test_c_the_server_restarts_mid_run_and_the_run_finishes_once(faults):
 
 # ---- b. the storage link goes down while a stage writes its output --------------------------------
 
-@pytest.mark.skip(reason="a link that goes down in the middle of an upload hangs the upload (no write timeout in "
-                         "s3fs/aiobotocore; the kernel gives up after ~15 min), so the stage neither fails nor finishes "
-                         "within the test's 400 s; needs a time limit on store calls first")
 def test_b_the_storage_link_goes_down_while_a_training_commits_and_the_retry_completes_it(faults):
     cluster, stack = faults, faults.stack
     trainers = ("train-1", "train-2")

@@ -405,3 +405,14 @@ def test_roots_urls_and_the_cache(tmp_path, monkeypatch, s3_server):
     assert store.cache_dir(f"s3://{s3_server.bucket}/b") != one
     monkeypatch.delenv("HOMER_CACHE_DIR")
     assert store.cache_dir(f"s3://{s3_server.bucket}/a").parent == Path.home() / ".cache" / "recurrent-homer"
+
+
+def test_a_store_call_that_gets_no_answer_in_time_fails_naming_the_limit(s3_server, tmp_path, monkeypatch):
+    """A link that goes down mid-upload must fail the stage, not hang it: every store call has a time limit."""
+    monkeypatch.setenv(store.STORE_TIMEOUT_ENV, "0.000001")  # no call answers that fast
+    remote = store.parse_root(f"s3://{s3_server.bucket}/{uuid.uuid4().hex[:8]}/data")
+    with pytest.raises(StoreError, match=r"no answer within 1e-06 s .*HOMER_STORE_TIMEOUT_S.*check the store's address"):
+        publish(remote, tmp_path, "prepare", "a" * outputs.FINGERPRINT_CHARS)
+    monkeypatch.setenv(store.STORE_TIMEOUT_ENV, "soon")
+    with pytest.raises(StoreError, match="HOMER_STORE_TIMEOUT_S='soon': expected seconds above 0"):
+        store.parse_root(f"s3://{s3_server.bucket}/x")
