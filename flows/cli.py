@@ -341,7 +341,7 @@ def _sweep_help(field: str) -> str:
 
 @app.command()
 def sweep(
-    stage_name: str = typer.Argument(..., metavar="STAGE", help="the stage to tune: pretrain or finetune"),
+    stage_name: str = typer.Argument("pretrain", metavar="[STAGE]", help="the stage to tune: pretrain (the default) or finetune"),
     trials: int = typer.Option(10, "--trials", "-n", help=_sweep_help("trials")),
     parallel: int = typer.Option(1, "--parallel", "-k", help=_sweep_help("parallel")),
     space: Optional[Path] = typer.Option(None, "--space", help="YAML: {dotted.config.field: {low, high, log, step} or "

@@ -40,14 +40,14 @@ from pydantic import ValidationError
 from flows.config import PipelineConfig
 from flows.naming import run_namer
 from model.network.checkpoint import read_state, resolve_checkpoint, resolve_model
-from model.store.outputs import (StageRef, data_root, latest, output_complete, output_dir, ref_for, remote_of, resolve,
+from model.store.outputs import (StageRef, data_root, has_latest, latest, output_complete, output_dir, ref_for, remote_of, resolve,
                                  root_name, set_latest)
 from model.training.sweep import (DEFAULT_SPACES, STOP_TRIALS, SpaceError, SweepConfig, TrialSpec, decode,
                                   encode, flat_fields, open_storage, open_study, optuna_distributions, parse_space, plot_study,
                                   read_outcome, record_outcome, set_fields, space_json, study_name, trial_context)
 from tasks.artifacts import code, png_markdown
 from tasks.common import artifact_key, stage_fingerprint
-from tasks.stages import DATA_POOL, GPU_POOL, STAGES
+from tasks.stages import DATA_POOL, GPU_POOL, STAGES, upstream
 
 SweepStage = Literal["pretrain", "finetune"]
 SWEEPS = "sweeps"  # <root>/sweeps/<study>/: the default storage, best.yaml, trials.json, the plots
@@ -97,10 +97,21 @@ def sweep_inputs(root: Path, stage: str, config: PipelineConfig) -> dict[str, St
     pretrain the latest prepare; finetune the model finetune.init_from names (else the latest pretrain) and the
     prepare output it was trained on."""
     if stage == "pretrain":
+        if not has_latest(root, "prepare"):  # a fresh root: make the data the config describes first, as `homer run` would
+            return {"prepare": prepare_data(root, config)}
         return {"prepare": latest(root, "prepare")}
     start = resolve_model(root, config.finetune.init_from, stages=("pretrain",), label="finetune.init_from")
     trained_on = start.manifest()["inputs"]["prepare"]["fingerprint"] if start.stage == "pretrain" else None
     return {"prepare": resolve(root, "prepare", trained_on), "init": start}
+
+
+def prepare_data(root: Path, config: PipelineConfig) -> StageRef:
+    """The ingests and prepare of `config` (each reused when its output exists), as subflows; returns prepare's output."""
+    get_run_logger().info("no prepare output under %s yet: running the ingests and prepare of the given config first", root)
+    refs = {name: STAGES[name].load_flow()(getattr(config, STAGES[name].section), data_dir=root_name(root), start_from="config")
+            for name in upstream("prepare")}
+    return STAGES["prepare"].load_flow()(config.prepare, **{param: refs[name] for param, name in STAGES["prepare"].inputs.items()},
+                                         data_dir=root_name(root), start_from="config")
 
 
 def trial_config(config: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
