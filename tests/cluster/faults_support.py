@@ -59,14 +59,23 @@ def homer_stage(cluster, host: str, seed: int, max_steps: int, log: str):
 
 
 def host_of(cluster, run_id) -> str:
-    """The host a flow run ran (or last ran) in: its infrastructure pid `<hostname>:<pid>`, else the worker
-    (`<host>-worker`) that its logs say submitted it last."""
+    """The host a flow run ran (or last ran) in: its infrastructure pid `<hostname>:<pid>`, else the host whose
+    HOME its newest log lines name (a training logs where it trains: `training pretrain into <HOME>/.cache/...`).
+
+    Not the worker that logged "submitting": two workers of a pool both log that when they race for a run,
+    and the server lets only one of them through.
+    """
     pid = str(cluster.stack.flow_run(run_id).get("infrastructure_pid") or "")
     names = [name for name, host in cluster.hosts.items() if pid.startswith(f"{host.hostname}:")]
     if names:
         return names[0]
-    submitted = re.findall(r"Worker '(\S+)-worker' submitting flow run", "\n".join(cluster.stack.run_logs(run_id)))
-    return submitted[-1] if submitted and submitted[-1] in cluster.hosts else ""
+    newest_first = cluster.stack.rest("POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [str(run_id)]}},
+                                                                    "sort": "TIMESTAMP_DESC", "limit": 200})
+    for entry in newest_first:
+        for name, host in cluster.hosts.items():
+            if f"{host.home}/" in entry["message"]:
+                return name
+    return ""
 
 
 def _root(cluster) -> str:
