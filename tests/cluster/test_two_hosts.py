@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import time
 
@@ -71,10 +72,10 @@ def test_pretraining_on_two_hosts_matches_one_process(cluster, tmp_path):
             cluster.log_tail(f"{h}-pretrain-node{n}") for n, h in enumerate(procs))
 
     objects = cluster.bucket_objects()
-    found = manifests(objects, "pretrain")
-    by_world = {m["counts"]["world_size"]: (fp, m) for fp, m in found.items()
-                if m["config"]["model"]["hidden_sizes"] == TINY_PRETRAIN["model"]["hidden_sizes"]}
-    (fp1, single), (fp2, double) = by_world[1], by_world[2]
+    found = manifests(objects, "pretrain")  # every test of the session trains into it: pick ours by the fingerprints printed
+    fp1, fp2 = printed_output(one.stdout), printed_output((cluster.logs / "train-1-pretrain-node0.log").read_text(errors="replace"))
+    single, double = found[fp1], found[fp2]
+    assert (single["counts"]["world_size"], double["counts"]["world_size"]) == (1, 2)
     assert double["hosts"] == [train1.hostname, cluster.hosts["train-2"].hostname], double["hosts"]
     assert single["hosts"] == [train1.hostname]
     assert double["counts"]["steps"] == single["counts"]["steps"] > 0
@@ -88,3 +89,10 @@ def test_pretraining_on_two_hosts_matches_one_process(cluster, tmp_path):
     assert math.isclose(double["metrics"]["best_val_loss"], single["metrics"]["best_val_loss"], rel_tol=1e-5)
     logs = cluster.log_tail("train-2-pretrain-node1", 20000)
     assert "waiting for machine 0" in logs, logs  # train-2 committed nothing: it waited for train-1's commit
+
+
+def printed_output(text: str) -> str:
+    """The fingerprint of the pretrain output `homer stage pretrain` printed in its summary."""
+    found = re.findall(r"^pretrain\s+\S+/pretrain/([0-9a-f]{16})\b", text, flags=re.M)
+    assert found, text[-3000:]
+    return found[-1]
