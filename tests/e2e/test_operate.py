@@ -31,6 +31,7 @@ from model.store.outputs import StageRef, latest, read_manifest
 from tasks.common import stage_fingerprint
 from tasks.stages import STAGES
 from tests.e2e.conftest import GPU_POOL, POOL, POOLS, REPO, alive, send, wait_until
+from tests.e2e.test_deployments import expected_pool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -107,7 +108,7 @@ def test_prefect_deploy_all_creates_every_deployment(stack):
     for pool in POOLS:
         assert stack.rest("GET", f"/work_pools/{pool}")["type"] == "process"
     for name, d in deployments.items():
-        assert d["work_pool_name"] == (STAGES[name].pool if name in STAGES else POOL), name  # training on homer-gpu
+        assert d["work_pool_name"] == expected_pool(name), name  # training on homer-gpu
         assert d["enforce_parameter_schema"] is True, name
         assert d["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}], name
         config = d["parameter_openapi_schema"]["properties"]["config"]
