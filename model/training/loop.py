@@ -32,6 +32,7 @@ Run it directly (Ctrl-C or SIGTERM saves last/ and stops; run again to resume):
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextvars
 import json
 import logging
@@ -716,6 +717,9 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, o
     return run_stoppable(body, callbacks.should_stop, sessions, stop_grace_s)
 
 
+ABANDONED_JOIN_S = 300.0  # at exit, how long an abandoned training thread may take to finish its computation
+
+
 def run_stoppable(body: Callable[[Boundary], TrainResult], should_stop: Callable[[], bool], sessions: list[Session],
                   grace_s: float) -> TrainResult:
     """Run `body` in a training thread; this thread watches `should_stop` (set by a signal handler, which runs here).
@@ -762,6 +766,9 @@ def run_stoppable(body: Callable[[Boundary], TrainResult], should_stop: Callable
         finally:
             boundary.lock.release()
         log.info("stopped inside a %s: last/ holds step %d, from before it", boundary.kind, s.run.step)
+        # The abandoned thread is still inside torch. Left running when the interpreter finalizes, it crashes the
+        # process (SIGSEGV, after the run's state was reported): let it reach its boundary, where it gives up, first.
+        atexit.register(thread.join, ABANDONED_JOIN_S)
         raise TrainingStopped(s.run.step, s.out_dir / "last")
     if "error" in outcome:
         raise outcome["error"]
