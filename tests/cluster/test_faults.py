@@ -48,6 +48,9 @@ def faults(cluster):
     assert done.returncode == 0, done.stdout + done.stderr
     run_data_stages(cluster)
     yield cluster
+    # The tests after these share the cluster: their runs send no heartbeats of 30 s, and a pipeline run waiting on its
+    # stages' runs may stay silent for minutes, which a 60 s window would mark Crashed.
+    cluster.run("cpu", [PYTHON, "-m", "flows.automations", "--within", "86400"])
     for host in ("train-1", "train-2"):  # a test killed one: give it its worker back for the tests after these
         if f"{host}-worker" in stack.procs and stack.procs[f"{host}-worker"].poll() is not None:
             cluster.start_worker(host, GPU_POOL)
