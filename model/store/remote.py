@@ -245,13 +245,28 @@ class TimedFileSystem:
         return attr
 
 
+# What a store library reads from the environment (endpoint, credentials, region, project): the key of _FILESYSTEMS.
+_STORE_ENV_PREFIXES = ("AWS_", "AZURE_", "GOOGLE_", "GCS_", "GCSFS_", "S3FS_", "FSSPEC_")
+_FILESYSTEMS: dict[tuple, Any] = {}
+
+
+def _store_environment() -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_STORE_ENV_PREFIXES)))
+
+
 def _filesystem(protocol: str, package: str, extra: str, url: str) -> Any:
     try:
-        # No listings cache: other machines write to the same root, a cached listing would hide their work.
-        fs = fsspec.filesystem(protocol, use_listings_cache=False)
-        from fsspec.asyn import AsyncFileSystem
+        # fsspec's own instance cache is keyed on the arguments only: an instance made while AWS_ENDPOINT_URL named
+        # one server would be handed back after it names another (a test, a Dask worker, a notebook that switches
+        # roots). So instances are cached here, keyed on the process and the store variables of the environment.
+        key = (protocol, os.getpid(), store_timeout_s(), _store_environment())
+        if key not in _FILESYSTEMS:
+            # No listings cache: other machines write to the same root, a cached listing would hide their work.
+            fs = fsspec.filesystem(protocol, use_listings_cache=False, skip_instance_cache=True)
+            from fsspec.asyn import AsyncFileSystem
 
-        return TimedFileSystem(fs, store_timeout_s()) if isinstance(fs, AsyncFileSystem) else fs
+            _FILESYSTEMS[key] = TimedFileSystem(fs, key[2]) if isinstance(fs, AsyncFileSystem) else fs
+        return _FILESYSTEMS[key]
     except ImportError:
         raise StoreError(f"the artifact root {url} needs the {package} package, which is not installed: "
                          f"pip install 'recurrent-homer[{extra}]'") from None

@@ -416,3 +416,25 @@ def test_a_store_call_that_gets_no_answer_in_time_fails_naming_the_limit(s3_serv
     monkeypatch.setenv(store.STORE_TIMEOUT_ENV, "soon")
     with pytest.raises(StoreError, match="HOMER_STORE_TIMEOUT_S='soon': expected seconds above 0"):
         store.parse_root(f"s3://{s3_server.bucket}/x")
+
+
+def test_a_root_reaches_the_endpoint_named_when_it_is_opened(s3_server, tmp_path, monkeypatch):
+    """fsspec caches filesystems by their arguments alone: a root opened after AWS_ENDPOINT_URL changed must not be
+    handed the filesystem bound to the earlier endpoint (in CI, the cluster tests' bucket answered NoSuchBucket here)."""
+    import socket
+
+    monkeypatch.setenv("HOMER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(store.STORE_TIMEOUT_ENV, "2")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        nobody = probe.getsockname()[1]  # closed when the block ends: nothing listens there
+    url = f"s3://{s3_server.bucket}/{uuid.uuid4().hex[:8]}/data"
+    fp = fp_()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{nobody}")
+    with pytest.raises(StoreError, match="no answer within 2 s|could not connect"):
+        store.remote_output_state(store.parse_root(url), "prepare", fp)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    here = store.parse_root(url)
+    assert store.remote_output_state(here, "prepare", fp) == "missing"
+    publish(here, tmp_path, "prepare", fp)
+    assert store.remote_output_state(store.parse_root(url), "prepare", fp) == "complete"
