@@ -249,6 +249,32 @@ def is_database_url(storage: str) -> bool:
     return bool(sep) and head.replace("+", "").isalnum()
 
 
+# pg_advisory_lock's key for making Optuna's tables: any constant the other users of the database do not take.
+_SCHEMA_LOCK_KEY = int.from_bytes(hashlib.sha256(b"recurrent-homer optuna schema").digest()[:7], "big")
+
+
+@contextlib.contextmanager
+def _schema_lock(storage: str):
+    """On PostgreSQL, one process at a time makes Optuna's tables in a fresh database: RDBStorage creates them unlocked,
+    so two sweeps started at once on an empty database both try, and one fails on a duplicate `alembic_version` type.
+    The lock is a session-level advisory lock, released when the connection closes (also when this process dies)."""
+    if not storage.split("://", 1)[0].startswith("postgresql"):
+        yield  # SQLite serialises writers itself; MySQL is not guarded here
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(storage, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+    finally:
+        engine.dispose()
+
+
 def open_storage(storage: str):
     """One Optuna storage per URL or path in this process (threads share it): RDBStorage for a database URL, else a
     journal file (JournalStorage with a file lock: several processes on one machine may share it)."""
@@ -258,7 +284,8 @@ def open_storage(storage: str):
     with _STORAGES_LOCK:
         if storage not in _STORAGES:
             if is_database_url(storage):
-                _STORAGES[storage] = optuna.storages.RDBStorage(storage, engine_kwargs={"pool_pre_ping": True})
+                with _schema_lock(storage):
+                    _STORAGES[storage] = optuna.storages.RDBStorage(storage, engine_kwargs={"pool_pre_ping": True})
             else:
                 _STORAGES[storage] = optuna.storages.JournalStorage(JournalFileBackend(storage))
         return _STORAGES[storage]

@@ -85,3 +85,37 @@ def test_a_trial_better_than_the_median_is_not_pruned(tmp_path):
     pruning = Pruning(study.ask())
     assert pruning.validated(3, 4.0) is False and pruning.validated(6, float("nan")) is False
     assert pruning.validated(9, 4.5) is False and pruning.pruned_at is None  # no finished trial reached step 9
+
+
+OPEN_AT = """import sys, time
+from model.training.sweep import open_storage
+start = float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))  # every process opens the storage at the same moment
+open_storage(sys.argv[1])
+print("opened")
+"""
+
+
+def test_sweeps_started_at_once_on_a_fresh_postgresql_database_all_open_it():
+    """Optuna makes its tables unlocked: without the schema lock one of several sweeps racing on an empty database failed
+    on a duplicate `alembic_version` (seen in CI); each must open the study's storage."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import optuna
+
+    from tests.postgres import fresh_database, postgres_problem
+
+    if (why := postgres_problem()) is not None:
+        pytest.skip(why)
+    repo = Path(__file__).resolve().parents[2]
+    with fresh_database("homer_schema") as db:
+        start = time.time() + 8  # after every interpreter has imported optuna, on a slow machine too
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT, db.url, str(start)], cwd=repo, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(4)]
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0] * 4, "\n".join(o[-2000:] for o in outputs)
+        optuna.create_study(study_name="after", storage=db.url)  # the tables are whole
+        assert optuna.get_all_study_names(storage=db.url) == ["after"]
