@@ -27,7 +27,7 @@ figure stays bits per character. Their vocabulary is built from the train split 
 trained before counting, since its token counts depend on it); the character vocabulary
 from every split, as before.
 
-    python -m model.data.prepare CORPUS.parquet VOCAB.json OUT_DIR --seq-len 100
+    homer stage prepare --profile sample --set prepare.seq_len=100   # the stage (flows/prepare.py) runs this module
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Whatever the tokenizer (char, word, bpe), a figure is bits per character: the su
 the scored targets over the characters of text they cover (the shards' `target_chars` for
 word and BPE; one per target for char), so one table compares tokenizers fairly.
 
-    python -m model.report.scores   # (used through the `report` stage; see flows/report.py)
+    homer stage report --profile sample   # the `report` stage (flows/report.py) runs this module
 """
 
 from __future__ import annotations
