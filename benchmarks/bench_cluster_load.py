@@ -26,6 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+class PhaseFailed(Exception):
+    """A phase of one backend's measurement failed: its name and the first line of why."""
+
+
 def measure(backend: str, runs: int, work: Path) -> dict:
     import pytest
     from tests.e2e.test_cluster_load import audit_load, load_stack, submit_load, wait_all_final
@@ -34,10 +38,23 @@ def measure(backend: str, runs: int, work: Path) -> dict:
     database = fresh_database("homer_bench") if backend == "postgresql" else contextlib.nullcontext()
     with database as db:
         start = time.monotonic()
-        with load_stack(work / backend, database_url=db.asyncpg_url if db else None) as stack:
+        phase = "start (server, pool, deployment, workers)"
+        try:
+            stack_context = load_stack(work / backend, database_url=db.asyncpg_url if db else None)
+            stack = stack_context.__enter__()
+        except BaseException as exc:  # pytest.fail from a bounded wait is a BaseException
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise PhaseFailed(f"{phase}: {str(exc).splitlines()[0][:120]}") from exc
+        with contextlib.ExitStack() as close:
+            close.push(stack_context.__exit__)
             ready = time.monotonic() - start
-            start = time.monotonic()
-            submitted = submit_load(stack, runs)
+            start, busy = time.monotonic(), []
+            try:
+                submitted = submit_load(stack, runs, busy=busy)
+            except Exception as exc:
+                raise PhaseFailed(f"creating the runs ({len(busy)} busy answers retried first): "
+                                  f"{str(exc).splitlines()[0][:120]}") from exc
             created = time.monotonic() - start
             try:
                 wait_all_final(stack, submitted, timeout=max(600, 30 * runs))
@@ -45,7 +62,7 @@ def measure(backend: str, runs: int, work: Path) -> dict:
                 print(f"{backend}: {str(exc)[:300]}", file=sys.stderr)
             elapsed = time.monotonic() - start
             report = audit_load(stack, submitted)
-    return {"backend": backend, "ready": ready, "created": created, "elapsed": elapsed, **report}
+    return {"backend": backend, "ready": ready, "created": created, "busy": len(busy), "elapsed": elapsed, **report}
 
 
 def main() -> None:
@@ -61,20 +78,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-cluster-load-"))
     print(f"\n## {args.runs} ingest-simpsons runs at once, two process workers, pool limit {LOAD_CONCURRENCY}, "
           f"{os.cpu_count()} cores\n")
-    print("| server database | server + pool + deployment + workers, s | create all runs, s | submit -> all complete, s "
-          "| runs/s | lost | duplicated | runs per worker |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |", flush=True)
+    print("| server database | server + pool + deployment + workers, s | create all runs, s | busy answers (503, retried) "
+          "| submit -> all complete, s | runs/s | lost | duplicated | runs per worker |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |", flush=True)
     problems = []
     for backend in args.backends:  # each row as soon as it is measured
         try:
             row = measure(backend, args.runs, work)
-        except BaseException as exc:  # pytest.fail from a bounded wait: the stack did not come up
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            print(f"| {backend} | did not start: {str(exc).splitlines()[0][:120]} | | | | | | |", flush=True)
+        except PhaseFailed as exc:
+            print(f"| {backend} | failed in {exc} | | | | | | | |", flush=True)
             continue
         workers = ", ".join(f"{name} {count}" for name, count in row["per_worker"].items())
-        print(f"| {backend} | {row['ready']:.1f} | {row['created']:.2f} | {row['elapsed']:.1f} "
+        print(f"| {backend} | {row['ready']:.1f} | {row['created']:.2f} | {row['busy']} | {row['elapsed']:.1f} "
               f"| {row['submitted'] / row['elapsed']:.2f} | {len(row['lost'])} | {len(row['duplicated'])} | {workers} |",
               flush=True)
         problems += [(backend, kind, run_id, why) for kind in ("lost", "duplicated") for run_id, why in row[kind]]

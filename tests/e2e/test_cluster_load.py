@@ -52,16 +52,30 @@ def load_stack(root: Path, database_url: str | None = None) -> Iterator[Stack]:
         stack.close()
 
 
-def submit_load(stack: Stack, runs: int) -> dict[str, str]:
+RETRIED = (429, 502, 503)  # what Prefect's own client retries (prefect.client.base): a busy server, not a refusal
+
+
+def submit_load(stack: Stack, runs: int, busy: list[int] | None = None) -> dict[str, str]:
     """Create `runs` flow runs of LOAD_DEPLOYMENT at once (one thread each, through the REST API),
-    each with an artifact root of its own; returns flow run id -> that root."""
+    each with an artifact root of its own; returns flow run id -> that root. An answer in RETRIED is
+    retried after a back-off, as Prefect's client does, and its status appended to `busy`."""
+    import httpx
+
     deployment = stack.deployment_id(LOAD_DEPLOYMENT)
     roots = [str(stack.root / "load" / f"run-{i:03d}") for i in range(runs)]
     config = {"source": "sample"}
 
     def create(data_dir: str) -> str:
         body = {"parameters": {"config": config, "data_dir": data_dir}}
-        return stack.rest("POST", f"/deployments/{deployment}/create_flow_run", json=body)["id"]
+        for attempt in range(8):
+            try:
+                return stack.rest("POST", f"/deployments/{deployment}/create_flow_run", json=body)["id"]
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code not in RETRIED or attempt == 7:
+                    raise
+                if busy is not None:
+                    busy.append(exc.response.status_code)
+                time.sleep(min(2 ** attempt * 0.25, 10))
 
     with ThreadPoolExecutor(max_workers=min(runs, 16)) as pool:
         ids = list(pool.map(create, roots))
