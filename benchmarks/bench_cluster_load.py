@@ -36,32 +36,25 @@ def measure(backend: str, runs: int, work: Path) -> dict:
     from tests.postgres import fresh_database
 
     database = fresh_database("homer_bench") if backend == "postgresql" else contextlib.nullcontext()
-    with database as db:
-        start = time.monotonic()
-        phase = "start (server, pool, deployment, workers)"
-        try:
-            stack_context = load_stack(work / backend, database_url=db.asyncpg_url if db else None)
-            stack = stack_context.__enter__()
-        except BaseException as exc:  # pytest.fail from a bounded wait is a BaseException
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            raise PhaseFailed(f"{phase}: {str(exc).splitlines()[0][:120]}") from exc
-        with contextlib.ExitStack() as close:
-            close.push(stack_context.__exit__)
-            ready = time.monotonic() - start
-            start, busy = time.monotonic(), []
-            try:
+    phase, busy = "starting the server, pool, deployment and workers", []
+    try:
+        with database as db:
+            start = time.monotonic()
+            with load_stack(work / backend, database_url=db.asyncpg_url if db else None) as stack:
+                ready = time.monotonic() - start
+                phase, start = "creating the runs", time.monotonic()
                 submitted = submit_load(stack, runs, busy=busy)
-            except Exception as exc:
-                raise PhaseFailed(f"creating the runs ({len(busy)} busy answers retried first): "
-                                  f"{str(exc).splitlines()[0][:120]}") from exc
-            created = time.monotonic() - start
-            try:
-                wait_all_final(stack, submitted, timeout=max(600, 30 * runs))
-            except pytest.fail.Exception as exc:  # not all final in time: the audit counts them as lost
-                print(f"{backend}: {str(exc)[:300]}", file=sys.stderr)
-            elapsed = time.monotonic() - start
-            report = audit_load(stack, submitted)
+                created = time.monotonic() - start
+                phase = "waiting for the runs"
+                try:
+                    wait_all_final(stack, submitted, timeout=max(600, 30 * runs))
+                except pytest.fail.Exception as exc:  # not all final in time: the audit counts them as lost
+                    print(f"{backend}: {str(exc)[:300]}", file=sys.stderr)
+                elapsed = time.monotonic() - start
+                phase = "auditing the runs"
+                report = audit_load(stack, submitted)
+    except (Exception, pytest.fail.Exception) as exc:  # pytest.fail (a bounded wait) is no Exception
+        raise PhaseFailed(f"{phase} ({len(busy)} busy answers retried): {str(exc).splitlines()[0][:120]}") from exc
     return {"backend": backend, "ready": ready, "created": created, "busy": len(busy), "elapsed": elapsed, **report}
 
 

@@ -15,19 +15,12 @@ import pytest
 import yaml
 
 from tests.cluster.conftest import VENV_BIN, run_data_stages
+from tests.flows.test_sweep_flows import LR, TINY, this_run
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-LR = "pretrain.train.learning_rate"
-TINY = ["pretrain.model.embedding_dim=16", "pretrain.model.hidden_sizes=[32]", "pretrain.model.dropout=0.0",
-        "pretrain.train.max_steps=6", "pretrain.train.batch_size=16", "pretrain.train.eval_every_steps=2",
-        "pretrain.train.log_every_steps=2", "pretrain.train.max_val_windows=32", "pretrain.train.checkpoint_every_steps=0",
-        "pretrain.train.early_stopping_patience=null", "pretrain.train.device=cpu"]
-
-
-def this_run(output: str) -> set[int]:
-    """The trial numbers a sweep process reports as its own: `... this run 0, 2; ...`."""
-    return set(map(int, output.split("this run ", 1)[1].split(";", 1)[0].split(", ")))
+# the flow tests' tiny trials, on the CPU; no early stop, so every trial trains its steps
+TRIAL = [*TINY, "pretrain.train.early_stopping_patience=null", "pretrain.train.device=cpu"]
 
 
 def test_two_sweep_hosts_fill_one_study_in_postgresql_and_no_trial_runs_twice(cluster, tmp_path):
@@ -45,7 +38,7 @@ def test_two_sweep_hosts_fill_one_study_in_postgresql_and_no_trial_runs_twice(cl
     with fresh_database("homer_sweep") as db:
         storage = db.at(relay_host, relay_port).url  # the bridge address: what every host, workers included, reaches
         argv = [f"{VENV_BIN}/homer", "sweep", "pretrain", "--profile", "default", "--trials", "2", "--parallel", "2",
-                "--storage", storage, "--study", "shared", "--space", str(space), *[a for s in TINY for a in ("--set", s)]]
+                "--storage", storage, "--study", "shared", "--space", str(space), *[a for s in TRIAL for a in ("--set", s)]]
         procs = {name: cluster.spawn(name, argv, log="sweep") for name in ("sweep-1", "sweep-2")}
         for name, proc in procs.items():
             try:

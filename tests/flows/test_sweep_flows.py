@@ -27,6 +27,11 @@ LR = "pretrain.train.learning_rate"
 SPACE = {LR: {"low": 1e-6, "high": 3e-2, "log": True}}
 
 
+def this_run(output: str) -> set[int]:
+    """The trial numbers a `homer sweep` process reports as its own: `... this run 0, 2; ...`."""
+    return set(map(int, output.split("this run ", 1)[1].split(";", 1)[0].split(", ")))
+
+
 @pytest.fixture(scope="module")
 def sample_root(prefect_harness, tmp_path_factory) -> Path:
     """An artifact root with the sample data ingested and prepared (what every trial trains on)."""
@@ -114,7 +119,7 @@ def test_two_sweep_processes_share_one_study_in_postgresql_without_running_a_tri
         outputs = [p.communicate(timeout=300)[0] for p in procs]
         for p, text in zip(procs, outputs):
             assert p.returncode == 0, text[-3000:]
-        runs = [set(map(int, text.split("this run ", 1)[1].split(";", 1)[0].split(", "))) for text in outputs]
+        runs = [this_run(text) for text in outputs]
         study = optuna.load_study(study_name="shared", storage=db.url)
         numbers = [t.number for t in study.trials]
         assert sorted(numbers) == [0, 1, 2, 3] and len(set(numbers)) == 4
