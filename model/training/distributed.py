@@ -415,7 +415,7 @@ def _outcome(returncode: int, run_dir: Path, out_dir: Path, stopped: bool) -> Tr
     for rank in sorted(errors):
         if errors[rank]["type"] in FINAL_ERRORS:  # every rank meets it (a NaN is agreed on): no retry helps
             raise FINAL_ERRORS[errors[rank]["type"]](errors[rank])
-    root = _root_cause(run_dir / "torchrun.log")  # torchrun's first observed failure
+    root = _root_cause(run_dir / "torchrun.log")
     rank = root.get("rank", min(errors, default=None))
     if m := re.match(r"(-?\d+)\s*\(pid:\s*(\d+)\)", root.get("exitcode", "")):
         code, pid = int(m[1]), m[2]
@@ -445,21 +445,35 @@ def _signal_name(signum: int) -> str:
 
 
 def _root_cause(log_path: Path) -> dict:
-    """torchrun's summary of the first failure: {"rank": int, "exitcode": str, "traceback": its first line}, else {"tail": ...}."""
+    """The first failure that no one else caused: {"rank": int, "exitcode": str, "traceback": its first line}, else {"tail": ...}.
+
+    torchrun names as root cause the failure with the earliest timestamp, in whole seconds, and
+    a rank that wrote an error file (a peer's lost connection) can tie with or precede the rank
+    that was killed from outside, which has none. A rank ended by a signal other than SIGTERM
+    (SIGTERM is what the agent and launch() send to the ranks still alive) is therefore the cause
+    wherever it is listed; otherwise torchrun's own choice.
+    """
     try:
         lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return {"tail": "(no log)"}
+    failures, root = [], None
     for i, line in enumerate(lines):
-        if "Root Cause" in line:
+        if re.match(r"\s*\[\d+\]:\s*$", line):  # one failure's block: "[idx]:" then "  key : value" lines
             found = {}
-            for entry in lines[i + 1:i + 12]:
+            for entry in lines[i + 1:i + 9]:
                 if m := re.match(r"\s*(rank|exitcode|traceback)\s*:\s*(.*)$", entry):
                     found.setdefault(m[1], m[2].strip())
             if "rank" in found:
                 found["rank"] = int(found["rank"].split()[0])
-            return found
-    return {"tail": "\n".join(lines[-20:])}
+                failures.append(found)
+                if any("Root Cause" in earlier for earlier in lines[max(0, i - 2):i]):
+                    root = found
+    for found in failures:
+        if m := re.match(r"-(\d+)\s*\(pid", found.get("exitcode", "")):
+            if int(m[1]) != signal.SIGTERM:
+                return found
+    return root or (failures[0] if failures else {"tail": "\n".join(lines[-20:])})
 
 
 def _remove(run_dir: Path) -> None:

@@ -196,3 +196,45 @@ def test_a_killed_rank_fails_the_launch_clearly_and_leaves_no_process(tmp_path, 
         assert f"last/ holds step {read_state(tmp_path / 'killed' / 'last')['step']}, and a retry resumes" in str(err.value)
     else:
         assert "no step was committed yet (no last/), so a retry starts over" in str(err.value)
+
+
+# torchrun's summary as CI saw it: the rank killed from outside (SIGKILL, no error file) is stamped when the
+# agent notices it, so the survivor's error file (its peer's lost connection) tied and was named root cause
+TORCHRUN_SUMMARY = """\
+============================================================
+homer-ddp FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-12-03_10:01:07
+  host      : ci
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 20448) (SIGKILL)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 20448
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-03_10:01:07
+  host      : ci
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 20447) (SIGTERM)
+  error_file: /tmp/torchelastic/error.json
+  traceback : RuntimeError: [gloo] Connection closed by peer
+============================================================
+"""
+
+
+def test_a_rank_killed_from_outside_is_named_even_when_torchrun_names_the_survivor(tmp_path):
+    from model.training.distributed import _outcome
+
+    (tmp_path / "torchrun.log").write_text(TORCHRUN_SUMMARY, encoding="utf-8")
+    (tmp_path / "error-0.json").write_text(json.dumps({"type": "RuntimeError", "message": "Connection closed by peer"}))
+    with pytest.raises(DistributedTrainingError) as err:
+        _outcome(1, tmp_path, tmp_path / "out", stopped=False)
+    assert "rank 1 (pid 20448) was killed by SIGKILL; then rank 0: RuntimeError: Connection closed by peer" in str(err.value)
+    # with no outside kill, torchrun's own root cause stands
+    (tmp_path / "torchrun.log").write_text(TORCHRUN_SUMMARY.replace("-9 (pid: 20448) (SIGKILL)", "1 (pid: 20448)"))
+    with pytest.raises(DistributedTrainingError) as err:
+        _outcome(1, tmp_path, tmp_path / "out", stopped=False)
+    assert "rank 0 (pid 20447) was killed by SIGTERM: RuntimeError: Connection closed by peer" in str(err.value)
