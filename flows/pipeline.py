@@ -13,7 +13,8 @@ run's process (one machine: `homer run`, `homer serve`); `pools` runs each stage
 run of its own deployment (`<stage>/<stage>` from prefect.yaml), so the data stages go
 to homer-pool's workers and training to homer-gpu's, and this run waits for each. With
 `pools` the artifact root must be one every worker reaches (an object store), and a
-stage's output is read back as its `latest` once its run completes.
+stage's output is the one its run labelled itself with (`homer.output`), never the stage's
+`latest`, which another pipeline may have moved meanwhile.
 
     homer run --profile sample
     prefect deployment run homer-pipeline/sample --param stages_on=pools
@@ -26,16 +27,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import CancelledRun
 from prefect.states import Cancelled
 
 from flows.config import PipelineConfig
 from flows.naming import run_namer
-from model.store.outputs import StageRef, check_writable, data_root, latest, root_name
+from model.store.outputs import StageRef, check_writable, data_root, latest, output_complete, ref_for, root_name
 from tasks.artifacts import pipeline_summary_markdown
-from tasks.common import artifact_key
+from tasks.common import OUTPUT_LABEL, artifact_key, labelled_output
 from tasks.stages import STAGES, Stage
 
 StagesOn = Literal["here", "pools"]
@@ -49,8 +50,8 @@ def _in_thread(pool: ThreadPoolExecutor, fn, *args):
 def run_on_pool(stage: Stage, config, root, inputs: dict[str, StageRef | None] | None = None) -> StageRef:
     """Run one stage as a run of its deployment (on that deployment's pool) and wait; returns its output.
 
-    Inputs go by fingerprint (valid on every machine that reaches the root). The output is the
-    stage's `latest` once the run completes (every completed stage run sets it, reused or not).
+    Inputs go by fingerprint (valid on every machine that reaches the root). The output is the one
+    the run labelled itself with: the stage's `latest` may have moved since, by a concurrent run.
     """
     from prefect.deployments import run_deployment
 
@@ -63,6 +64,13 @@ def run_on_pool(stage: Stage, config, root, inputs: dict[str, StageRef | None] |
     if state is None or not state.is_completed():
         raise RuntimeError(f"the {stage.name} stage's run {run.name} ({run.id}) on pool {stage.pool} ended "
                            f"{state.name if state else 'without a state'}: {state.message if state else ''}; see its logs in the UI")
+    if fp := labelled_output(run.labels, stage.name):
+        if not output_complete(root, stage.name, fp):
+            raise RuntimeError(f"the {stage.name} run {run.name} ({run.id}) names its output {fp}, which is not complete "
+                               f"in {root_name(root)}: re-run the pipeline, and `homer verify` the root")
+        return ref_for(root, stage.name, fp)
+    get_run_logger().warning("the %s run %s carries no %s label (a deployment of older code?): taking the stage's latest",
+                             stage.name, run.name, OUTPUT_LABEL)
     return latest(root, stage.name)
 
 

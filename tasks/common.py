@@ -102,7 +102,34 @@ def run_stage_task(stage_task, stage: str, config: Any, inputs: dict[str, StageR
     result = task(**kwargs, **options)
     if output_complete(data_root(root), stage, fp):
         set_latest(data_root(root), stage, fp)  # a Cached task never ran its body, which sets latest too
+        label_run_output(stage, fp)
     return result
+
+
+OUTPUT_LABEL = "homer.output"  # a stage run's label: `<stage>/<fingerprint>` of the output it made or reused
+
+
+def label_run_output(stage: str, fp: str) -> None:
+    """Label this flow run with its output, so whoever started it (the pipeline on pools) reads this run's
+    output, not the stage's `latest`, which a concurrent run of the stage may have moved since."""
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            client.update_flow_run_labels(flow_run.id, {OUTPUT_LABEL: f"{stage}/{fp}"})
+    except Exception as exc:  # the output is made; only the label is missing, and its reader says so
+        _logger().warning("could not label the run with its %s output %s: %s", stage, fp, exc)
+
+
+def labelled_output(labels: dict | None, stage: str) -> str | None:
+    """The output fingerprint a finished run of `stage` labelled itself with (label_run_output), or None."""
+    value = (labels or {}).get(OUTPUT_LABEL, "")
+    labelled_stage, _, fp = str(value).rpartition("/")
+    return fp if labelled_stage == stage and fp else None
 
 
 def artifact_key(*parts: str) -> str:

@@ -12,6 +12,8 @@ import subprocess
 
 import pytest
 
+from tasks.common import labelled_output
+from tasks.stages import STAGES
 from tests.cluster.conftest import BUCKET, PYTHON, SAMPLE_DATA, SERVER_PORT, TINY_PRETRAIN, VENV_BIN, manifests
 from tests.e2e.conftest import GPU_POOL, POOL
 
@@ -77,6 +79,17 @@ def test_the_pipeline_runs_its_stages_on_their_hosts_and_an_empty_host_generates
         fps = manifests(objects, stage)
         assert fps, stage
         assert any(mirrored(hosts[host], stage, fp) for host in runs_on for fp in fps), stage  # made in its pool's host's mirror
+    # each stage took its inputs from the outputs its upstream runs labelled themselves with, not from `latest`
+    own_tasks = [t["id"] for t in stack.rest("POST", "/task_runs/filter", json={"flow_runs": {"id": {"any_": [str(pipeline)]}}})]
+    stage_of = {str(stack.deployment_id(f"{stage}/{stage}")): stage for stage in STAGES}
+    own = {stage_of[run["deployment_id"]]: run for run in stack.rest("POST", "/flow_runs/filter", json={
+        "flow_runs": {"parent_task_run_id": {"any_": own_tasks}}})}
+    assert set(own) == set(STAGES), sorted(own)
+    made = {stage: labelled_output(run["labels"], stage) for stage, run in own.items()}
+    assert all(fp in manifests(objects, stage) for stage, fp in made.items()), made
+    for stage, run in own.items():
+        for param, upstream in STAGES[stage].inputs.items():
+            assert run["parameters"][param] == made[upstream], (stage, param, run["parameters"], made)
     pretrain = manifests(objects, "pretrain")[newest(objects, "pretrain")]  # the pipeline's: the latest right after it
     assert pretrain["counts"]["world_size"] == 1 and pretrain["hosts"] in ([hosts[t].hostname] for t in trainers)
     for host in ("cpu", "train-1"):  # a worker's working directory stays empty: everything went to the bucket

@@ -259,3 +259,25 @@ def test_cli_names_the_users_file_and_row_for_a_bad_article(tmp_path, data_dir):
     assert ".tmp-" not in result.output  # the user's file, never the staging directory
     out = data_dir / "ingest-wikipedia"
     assert not out.exists() or not [p for p in out.iterdir() if not p.name.startswith(".")]
+
+
+def test_each_stage_run_labels_itself_with_its_own_output_not_the_latest(data_dir, small_csv):
+    from prefect.client.orchestration import get_client
+
+    from flows.ingest_simpsons import ingest_simpsons
+    from tasks.common import OUTPUT_LABEL, labelled_output
+
+    homer = SimpsonsConfig(source="local", path=str(small_csv), character="Homer Simpson")
+    marge = SimpsonsConfig(source="local", path=str(small_csv), character="Marge Simpson")
+    made = ingest_simpsons(homer, return_state=True)
+    other = ingest_simpsons(marge, return_state=True)
+    reused = ingest_simpsons(homer, return_state=True)  # cached: labelled all the same
+    ingest_simpsons(marge)  # `latest` moves on: the runs before keep naming their own outputs
+    assert latest(data_dir, "ingest-simpsons").fingerprint == other.result().fingerprint
+    with get_client(sync_client=True) as client:
+        labels = {name: client.read_flow_run(state.state_details.flow_run_id).labels
+                  for name, state in (("made", made), ("other", other), ("reused", reused))}
+    assert labelled_output(labels["made"], "ingest-simpsons") == made.result().fingerprint == reused.result().fingerprint
+    assert labelled_output(labels["reused"], "ingest-simpsons") == made.result().fingerprint
+    assert labels["other"][OUTPUT_LABEL] == f"ingest-simpsons/{other.result().fingerprint}"
+    assert labelled_output(labels["made"], "prepare") is None  # a label names its stage
