@@ -249,6 +249,7 @@ def stage_config(root, stage: str, config: BaseModel, start_from: StartFrom = "l
     the config of the stage's latest output and changes only the fields given; "config" (the
     pipeline, an explicit --profile) uses `config` as it is.
     """
+    from flows.naming import rename_run_for
     from model.store.outputs import has_latest, latest
 
     if start_from == "config":
@@ -259,4 +260,5 @@ def stage_config(root, stage: str, config: BaseModel, start_from: StartFrom = "l
     base = ref.manifest()["config"]
     resolved = start_from_latest(config, base)
     changed = changed_fields(base, resolved.model_dump(mode="json"))
+    rename_run_for(resolved)  # the name was made from the fields given, before this merge
     return resolved, f"the config of {stage} {ref.fingerprint} (its latest output), changed: {', '.join(changed) or 'nothing'}"
