@@ -35,6 +35,7 @@ from typing import Any, Literal
 import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
 from pydantic import ValidationError
 
 from flows.config import PipelineConfig
@@ -42,8 +43,8 @@ from flows.naming import run_namer
 from model.network.checkpoint import read_state, resolve_checkpoint, resolve_model
 from model.store.outputs import (StageRef, data_root, has_latest, latest, output_complete, output_dir, ref_for, remote_of, resolve,
                                  root_name, set_latest)
-from model.training.sweep import (DEFAULT_SPACES, STOP_TRIALS, SpaceError, SweepConfig, TrialSpec, decode,
-                                  encode, flat_fields, open_storage, open_study, optuna_distributions, parse_space, plot_study,
+from model.training.sweep import (DEFAULT_SPACES, STOP_TRIALS, SpaceError, SweepConfig, TrialSpec, claim_trial, decode,
+                                  encode, fail_abandoned_trials, flat_fields, open_storage, open_study, optuna_distributions, parse_space, plot_study,
                                   read_outcome, record_outcome, set_fields, space_json, study_name, trial_context)
 from tasks.artifacts import code, png_markdown
 from tasks.common import artifact_key, stage_fingerprint
@@ -155,6 +156,18 @@ def sweep_trial(trial: TrialSpec, config: PipelineConfig = PipelineConfig(), inp
     return outcome
 
 
+def flow_run_ended(flow_run_id: str) -> bool | None:
+    """Whether a flow run (a sweep's, maybe on another host) is in a final state; None if the server cannot say."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+    except Exception:
+        return None
+    return None if state is None else state.is_final()
+
+
 def trials_here_or_deployed(mode: str) -> str:
     """'here' or 'deployment': where the trials train (SweepConfig.trials_on)."""
     if mode == "here":
@@ -219,6 +232,7 @@ def run_trials(study, sweep: SweepConfig, stage: str, space: dict, config: Pipel
                 while len(numbers) < sweep.trials or pending:
                     while len(numbers) < sweep.trials and len(pending) < sweep.parallel:
                         trial = study.ask(distributions)
+                        claim_trial(trial, str(flow_run.id) if flow_run.id else None)
                         params = decode(space, trial.params)
                         spec = TrialSpec(stage=stage, storage=storage, study=study.study_name, number=trial.number,
                                          trial_id=trial._trial_id, pruner=sweep.pruner,
@@ -362,6 +376,9 @@ def homer_sweep(stage: SweepStage = "pretrain", config: PipelineConfig = Pipelin
         if unknown:
             raise SpaceError(f"sweep.enqueue: {', '.join(unknown)} not in the space ({', '.join(space)})")
         study.enqueue_trial({k: encode(v) for k, v in params.items()}, skip_if_exists=True)
+    if abandoned := fail_abandoned_trials(study, flow_run_ended):
+        log.warning("trial(s) %s were left running by a sweep process that is gone: told failed",
+                    ", ".join(map(str, abandoned)))
     where = trials_here_or_deployed(sweep.trials_on)
     log.info("study %s in %s: %d trial(s) so far; %d more, %d at a time, trained %s", name, redacted(storage), len(study.trials),
              sweep.trials, sweep.parallel, "here" if where == "here" else f"by the {TRIAL_DEPLOYMENT} deployment's workers")

@@ -85,6 +85,7 @@ from model.network.checkpoint import CheckpointError, read_state, resolve_checkp
 from model.network.rnn import ModelConfig
 from model.training.loop import (NonFiniteLossError, Ranks, TrainCallbacks, TrainConfig, TrainingStopped, TrainResult,
                                  _parse_overrides, finished_run, resolve_device, train)
+from model.training.processes import running, same_process, start_time
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ def _watch(stop: _Stop, parent: int, launcher: str | None, grace_s: float) -> No
     """Stop when torchrun (our parent) or the launcher dies; end this process if the stop has not ended it after grace_s."""
     while True:
         time.sleep(0.5)
-        if os.getppid() != parent or (launcher and not _same_process(launcher)):
+        if os.getppid() != parent or (launcher and not same_process(launcher)):
             log.warning("torchrun or the launcher is gone: stopping")
             stop.request(signal.SIGTERM)
             time.sleep(grace_s)
@@ -227,7 +228,7 @@ def run_rank(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stop.request(signum))
     if run_dir is not None:
-        _write_json(run_dir / f"rank-{rank}.pid", {"pid": os.getpid(), "start": _start_time(os.getpid()), "rank": rank})
+        _write_json(run_dir / f"rank-{rank}.pid", {"pid": os.getpid(), "start": start_time(os.getpid()), "rank": rank})
     threading.Thread(target=_watch, args=(stop, os.getppid(), os.environ.get(LAUNCHER_ENV), GRACE_S), daemon=True,
                      name="homer-watchdog").start()
     events = _Events(run_dir / "events.jsonl") if run_dir is not None and rank == 0 else None
@@ -308,7 +309,7 @@ def launch(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, 
            "-m", "model.training.distributed", "--config", str(run_dir / "config.json"), "--vocab", str(run_dir / "vocab.json"),
            "--shards", str(Path(shards_dir).absolute()), "--out", str(out_dir), "--run-dir", str(run_dir),
            *(["--init-from", str(Path(init_from).absolute())] if init_from is not None else [])]
-    env = dict(os.environ, **{MARKER_ENV: run_dir.name, LAUNCHER_ENV: f"{os.getpid()}:{_start_time(os.getpid())}",
+    env = dict(os.environ, **{MARKER_ENV: run_dir.name, LAUNCHER_ENV: f"{os.getpid()}:{start_time(os.getpid())}",
                               "PYTHONUNBUFFERED": "1"})
     env.setdefault("OMP_NUM_THREADS", "1")  # each rank sets its own thread count (CoreShare); this silences torchrun's notice
     root = Path(__file__).resolve().parents[2]  # where `model` is imported from: a checkout (installed packages need nothing)
@@ -483,28 +484,6 @@ def _remove(run_dir: Path) -> None:
 # ------------------------------------------------------------------ processes, by PID
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time (in clock ticks since boot): with the PID, names one process even if PIDs are reused."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an ended process whose parent has not collected it yet)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _same_process(record: str) -> bool:
-    pid, _, start = record.partition(":")
-    return _running(int(pid)) and (_start_time(int(pid)) == start or start in ("", "None"))
-
-
 def rank_pids(run_dir: Path) -> dict[int, dict]:
     """rank -> {"pid", "start", "rank"} as each rank recorded itself in run_dir."""
     found = {}
@@ -524,7 +503,7 @@ def _marked(marker: str) -> set[int]:
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                if needle in (entry / "environ").read_bytes().split(b"\0") and _running(int(entry.name)):
+                if needle in (entry / "environ").read_bytes().split(b"\0") and running(int(entry.name)):
                     found.add(int(entry.name))
             except OSError:
                 continue
@@ -533,7 +512,7 @@ def _marked(marker: str) -> set[int]:
 
 def _ranks_alive(run_dir: Path, marker: str, exclude: set[int]) -> set[int]:
     """The ranks (and any other process of this launch but `exclude`) still running."""
-    recorded = {r["pid"] for r in rank_pids(run_dir).values() if _same_process(f"{r['pid']}:{r['start']}")}
+    recorded = {r["pid"] for r in rank_pids(run_dir).values() if same_process(f"{r['pid']}:{r['start']}")}
     return (recorded | _marked(marker)) - exclude
 
 

@@ -311,6 +311,53 @@ def open_study(cfg: SweepConfig, name: str, storage: str):
                                load_if_exists=True)
 
 
+# ---------------------------------------------------------------------------- who asked a trial
+
+OWNER_ATTR = "asked_by"  # a trial's user attribute: {"host", "process" (pid:start), "flow_run"} of the sweep that asked it
+
+
+def claim_trial(trial, flow_run_id: str | None) -> None:
+    """Record on the trial which sweep process asked it, so a later sweep can tell if that process is gone."""
+    import socket
+
+    from model.training.processes import process_record
+
+    trial.set_user_attr(OWNER_ATTR, {"host": socket.gethostname(), "process": process_record(), "flow_run": flow_run_id})
+
+
+def fail_abandoned_trials(study, flow_run_ended: Callable[[str], bool | None]) -> list[int]:
+    """Tell FAIL for every trial left RUNNING by a sweep process that is gone; returns their numbers.
+
+    A sweep killed outright (SIGKILL, a host that died) never tells its trials, and they would
+    show as running for ever. A trial asked on this host is abandoned when the process that asked
+    it no longer runs; one asked on another host, when `flow_run_ended(its sweep's flow run id)`
+    says True (False: still running; None: unknown, so it is left alone).
+    """
+    import socket
+
+    from optuna.trial import TrialState
+
+    from model.training.processes import same_process
+
+    here = socket.gethostname()
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get(OWNER_ATTR)
+        if not isinstance(owner, dict):
+            continue
+        if owner.get("host") == here:
+            gone = not same_process(str(owner.get("process", "")))
+        else:
+            gone = bool(owner.get("flow_run")) and flow_run_ended(owner["flow_run"]) is True
+        if gone:
+            try:
+                study.tell(trial.number, state=TrialState.FAIL)
+            except ValueError:  # told meanwhile by its owner after all
+                continue
+            failed.append(trial.number)
+    return failed
+
+
 # ---------------------------------------------------------------------------- a trial's training
 
 class TrialSpec(BaseModel):

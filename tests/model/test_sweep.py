@@ -119,3 +119,53 @@ def test_sweeps_started_at_once_on_a_fresh_postgresql_database_all_open_it():
         assert [p.returncode for p in procs] == [0] * 4, "\n".join(o[-2000:] for o in outputs)
         optuna.create_study(study_name="after", storage=db.url)  # the tables are whole
         assert optuna.get_all_study_names(storage=db.url) == ["after"]
+
+
+def test_trials_a_gone_sweep_left_running_are_told_failed_and_no_live_ones(tmp_path):
+    """A sweep process killed outright leaves its trials RUNNING; the next sweep on the study tells them failed."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import textwrap
+
+    from optuna.trial import TrialState
+
+    from model.training.sweep import OWNER_ATTR, claim_trial, fail_abandoned_trials
+
+    storage = str(tmp_path / "study.journal")
+    # a real sweep process asks a trial, claims it and is killed before it tells
+    asker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from model.training.sweep import SweepConfig, claim_trial, open_study
+        trial = open_study(SweepConfig(), "s", {storage!r}).ask()
+        claim_trial(trial, "run-of-the-killed-sweep")
+        print(trial.number, flush=True)
+        time.sleep(600)
+        """)], stdout=subprocess.PIPE, text=True)
+    killed_number = int(asker.stdout.readline())
+    asker.kill()
+    asker.wait()
+
+    study = open_study(SweepConfig(), "s", storage)
+    live = study.ask()  # this process's: still running
+    claim_trial(live, None)
+    elsewhere = {state: study.ask() for state in ("ended", "running", "unknown")}  # asked on other hosts
+    for state, trial in elsewhere.items():
+        trial.set_user_attr(OWNER_ATTR, {"host": "another-host", "process": "1:1", "flow_run": f"run-{state}"})
+    unclaimed = study.ask()  # asked by an older version: left alone
+    asked = []
+
+    def flow_run_ended(run_id: str):
+        asked.append(run_id)
+        return {"run-ended": True, "run-running": False}.get(run_id)
+
+    failed = fail_abandoned_trials(study, flow_run_ended)
+    assert sorted(failed) == sorted([killed_number, elsewhere["ended"].number])
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[killed_number] == states[elsewhere["ended"].number] == TrialState.FAIL
+    assert all(states[t.number] == TrialState.RUNNING for t in (live, elsewhere["running"], elsewhere["unknown"], unclaimed))
+    assert sorted(asked) == ["run-ended", "run-running", "run-unknown"]  # this host's trials are judged by their process
+    owner = study.trials[live.number].user_attrs[OWNER_ATTR]
+    assert owner["host"] == socket.gethostname() and json.dumps(owner)
+    assert fail_abandoned_trials(study, flow_run_ended) == []  # nothing twice
