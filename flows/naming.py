@@ -47,7 +47,8 @@ def rename_run_for(config: Any) -> str | None:
     namer = getattr(getattr(context, "flow", None), "flow_run_name", None)
     if context is None or context.flow_run is None or not hasattr(namer, "homer_fields"):
         return None
-    params = {**(context.flow_run.parameters or {}), "config": config.model_dump(mode="json")}
+    # the run's parameters with their defaults, as the namer saw them (the API's flow run holds only those given)
+    params = {**(context.parameters or {}), "config": config.model_dump(mode="json")}
     new = namer(params)
     if new == context.flow_run.name:
         return None

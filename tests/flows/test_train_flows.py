@@ -281,7 +281,7 @@ def test_a_stage_run_on_its_own_starts_from_its_latest_config(data_dir):
 
     # what `prepare deployment run --params '{"config": {"val_fraction": 0.2}}'` hands the flow
     params = prepare.validate_parameters({"config": {"val_fraction": 0.2}})
-    state = prepare(**params, return_state=True)
+    state = prepare(config=params["config"], return_state=True)  # start_from by its default, as a deployment run
     by_deployment = state.result()
     with get_client(sync_client=True) as client:  # named after the merge: seq_len 50 came from the latest config
         assert client.read_flow_run(state.state_details.flow_run_id).name == "prepare from=latest seq_len=50 val=0.2"
