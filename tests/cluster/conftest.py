@@ -136,6 +136,10 @@ def pick_subnet() -> str:
     raise RuntimeError("no free 10.213.X.0/24 on this machine")
 
 
+def _mac(link: str) -> str:
+    return Path(f"/sys/class/net/{link}/address").read_text().strip()
+
+
 class Relay:
     """A TCP relay in this (the root) namespace: listens on (host, port), forwards each connection to `target`."""
 
@@ -228,6 +232,11 @@ class Cluster:
         self.stack: ClusterStack | None = None
         self.relay: Relay | None = None
         _ip("link", "add", self.bridge, "type", "bridge")
+        # A bridge whose address was never set takes the lowest of its ports' and changes it when a
+        # host with a lower one is added: every host's ARP entry for the gateway then points nowhere
+        # until it expires, and the server lost PostgreSQL (through the relay) for 20-30 s in CI.
+        self.bridge_mac = _mac(self.bridge)
+        _ip("link", "set", self.bridge, "address", self.bridge_mac)
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
 
@@ -246,6 +255,8 @@ class Cluster:
         _ip("link", "set", peer, "netns", netns)
         _ip("link", "set", veth, "master", self.bridge)
         _ip("link", "set", veth, "up")
+        if _mac(self.bridge) != self.bridge_mac:
+            raise RuntimeError(f"the bridge {self.bridge} changed its address to {_mac(self.bridge)} when {name} joined")
         _ip("-n", netns, "link", "set", peer, "name", "eth0")
         _ip("-n", netns, "addr", "add", f"{host.address}/24", "dev", "eth0")
         _ip("-n", netns, "link", "set", "eth0", "up")
