@@ -157,8 +157,8 @@ class Stack:
         self.server_env = {**env, "PREFECT_SERVER_API_AUTH_STRING": self.auth_string}  # the server alone
         if database_url:
             self.server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
-            # Prefect's 5 s connect limit answered 500 for 20 s in one CI run, while the 2 cores were
-            # overloaded (the server opens connections lazily, through the cluster's relay)
+            # Prefect's limit is 5 s: room for a busy 2-core machine (the cluster's server reaches the
+            # database through a relay, and opens connections lazily)
             self.server_env["PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT"] = "30"
         self.procs: dict[str, subprocess.Popen] = {}
         self.workers: dict[str, str] = {}  # worker name -> its pool
