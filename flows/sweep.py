@@ -44,8 +44,8 @@ from model.network.checkpoint import read_state, resolve_checkpoint, resolve_mod
 from model.store.outputs import (StageRef, data_root, has_latest, latest, output_complete, output_dir, ref_for, remote_of, resolve,
                                  root_name, set_latest)
 from model.training.sweep import (DEFAULT_SPACES, STOP_TRIALS, SpaceError, SweepConfig, TrialSpec, claim_trial, decode,
-                                  encode, fail_abandoned_trials, flat_fields, open_storage, open_study, optuna_distributions, parse_space, plot_study,
-                                  read_outcome, record_outcome, set_fields, space_json, study_name, trial_context)
+                                  encode, fail_abandoned_trials, flat_fields, open_storage, open_study, optuna_distributions,
+                                  parse_space, plot_study, read_outcome, record_outcome, set_fields, space_json, study_name, trial_context)
 from tasks.artifacts import code, png_markdown
 from tasks.common import artifact_key, stage_fingerprint
 from tasks.stages import DATA_POOL, GPU_POOL, STAGES, upstream

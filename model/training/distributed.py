@@ -85,7 +85,7 @@ from model.network.checkpoint import CheckpointError, read_state, resolve_checkp
 from model.network.rnn import ModelConfig
 from model.training.loop import (NonFiniteLossError, Ranks, TrainCallbacks, TrainConfig, TrainingStopped, TrainResult,
                                  _parse_overrides, finished_run, resolve_device, train)
-from model.training.processes import running, same_process, start_time
+from model.training.processes import process_record, running, same_process, start_time
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def launch(*, model_config: ModelConfig, train_config: TrainConfig, shards_dir, 
            "-m", "model.training.distributed", "--config", str(run_dir / "config.json"), "--vocab", str(run_dir / "vocab.json"),
            "--shards", str(Path(shards_dir).absolute()), "--out", str(out_dir), "--run-dir", str(run_dir),
            *(["--init-from", str(Path(init_from).absolute())] if init_from is not None else [])]
-    env = dict(os.environ, **{MARKER_ENV: run_dir.name, LAUNCHER_ENV: f"{os.getpid()}:{start_time(os.getpid())}",
+    env = dict(os.environ, **{MARKER_ENV: run_dir.name, LAUNCHER_ENV: process_record(),
                               "PYTHONUNBUFFERED": "1"})
     env.setdefault("OMP_NUM_THREADS", "1")  # each rank sets its own thread count (CoreShare); this silences torchrun's notice
     root = Path(__file__).resolve().parents[2]  # where `model` is imported from: a checkout (installed packages need nothing)

@@ -340,6 +340,7 @@ def fail_abandoned_trials(study, flow_run_ended: Callable[[str], bool | None]) -
     from model.training.processes import same_process
 
     here = socket.gethostname()
+    ended: dict[str, bool | None] = {}  # one question per sweep run, however many of its trials are left
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.user_attrs.get(OWNER_ATTR)
@@ -347,8 +348,12 @@ def fail_abandoned_trials(study, flow_run_ended: Callable[[str], bool | None]) -
             continue
         if owner.get("host") == here:
             gone = not same_process(str(owner.get("process", "")))
+        elif run_id := owner.get("flow_run"):
+            if run_id not in ended:
+                ended[run_id] = flow_run_ended(run_id)
+            gone = ended[run_id] is True
         else:
-            gone = bool(owner.get("flow_run")) and flow_run_ended(owner["flow_run"]) is True
+            gone = False
         if gone:
             try:
                 study.tell(trial.number, state=TrialState.FAIL)

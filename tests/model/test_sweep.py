@@ -153,6 +153,8 @@ def test_trials_a_gone_sweep_left_running_are_told_failed_and_no_live_ones(tmp_p
     elsewhere = {state: study.ask() for state in ("ended", "running", "unknown")}  # asked on other hosts
     for state, trial in elsewhere.items():
         trial.set_user_attr(OWNER_ATTR, {"host": "another-host", "process": "1:1", "flow_run": f"run-{state}"})
+    sibling = study.ask()  # a second trial of the same running sweep: its run is asked about once
+    sibling.set_user_attr(OWNER_ATTR, {"host": "another-host", "process": "1:1", "flow_run": "run-running"})
     unclaimed = study.ask()  # asked by an older version: left alone
     asked = []
 
@@ -165,6 +167,7 @@ def test_trials_a_gone_sweep_left_running_are_told_failed_and_no_live_ones(tmp_p
     states = {t.number: t.state for t in study.get_trials()}
     assert states[killed_number] == states[elsewhere["ended"].number] == TrialState.FAIL
     assert all(states[t.number] == TrialState.RUNNING for t in (live, elsewhere["running"], elsewhere["unknown"], unclaimed))
+    assert states[sibling.number] == TrialState.RUNNING
     assert sorted(asked) == ["run-ended", "run-running", "run-unknown"]  # this host's trials are judged by their process
     owner = study.trials[live.number].user_attrs[OWNER_ATTR]
     assert owner["host"] == socket.gethostname() and json.dumps(owner)
